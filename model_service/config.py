@@ -1,0 +1,90 @@
+"""The one configuration of the model service.
+
+Every option is a field here; pydantic-settings makes each one settable as a CLI flag
+(``--http-port``) and as an environment variable (``MODEL_SERVICE_HTTP_PORT``). CLI wins over env.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUILTIN_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    """Serve a local LLM over an OpenAI-compatible HTTP API and gRPC."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODEL_SERVICE_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="python -m model_service serve",
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    # --- network ---
+    host: str = Field("127.0.0.1", description="Interface to bind HTTP and gRPC to.")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free port and logs it.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free port and logs it.")
+
+    # --- model ---
+    model: str = Field(
+        BUILTIN_DEFAULT_MODEL,
+        description="A built-in model name (smollm2-135m-instruct), a local Hugging Face model directory, "
+        "or a .gguf file.",
+    )
+    served_model_name: str | None = Field(
+        None, description="The model id clients send and /v1/models lists (default: derived from --model)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code shipped in the model directory (ChatGLM2/ChatGLM3). Opt-in."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and activations dtype. 'auto' takes the checkpoint's own."
+    )
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 uses every available core.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length to enforce (default: the model's max_position_embeddings)."
+    )
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens when a request gives none (further capped by the context length)."
+    )
+
+    # --- engine: admission and batching ---
+    max_running_requests: int = Field(32, ge=1, description="Sequences decoded together in one batch.")
+    max_waiting_requests: int = Field(
+        128, ge=0, description="Requests queued beyond the running batch; past this, 429 / RESOURCE_EXHAUSTED."
+    )
+    max_prefill_tokens: int = Field(
+        2048, ge=16, description="Prompt tokens prefilled per engine step, so long prompts do not stall decoding."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a request may queue and generate before it is ended."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On shutdown, how long running requests may finish before they are cut."
+    )
+
+    # --- HTTP ---
+    api_key: SecretStr | None = Field(
+        None, description="When set, /v1/* requires 'Authorization: Bearer <key>' (health/metrics stay open)."
+    )
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 past it).")
+
+    # --- logging ---
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="Structured JSON logs or plain text.")
+
+    # --- Nacos ---
+    nacos_server: str | None = Field(
+        None, description="Nacos HOST:PORT; registration is off when unset."
+    )
+
+    def resolved_threads(self) -> int:
+        import os
+
+        return self.threads or len(os.sched_getaffinity(0))

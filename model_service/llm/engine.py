@@ -1,0 +1,408 @@
+"""The one inference engine: continuous batching on a dedicated thread, an asyncio API outside.
+
+Every decode step runs one forward pass over all running sequences. Between steps the scheduler
+admits waiting requests (prefilled as a group, then merged into the batch), drops finished and
+cancelled ones, and enforces deadlines. The HTTP and gRPC adapters only call ``generate``.
+
+Threading: torch work happens on the engine thread (torch releases the GIL inside kernels, so the
+event loop keeps serving); results go back with one ``call_soon_threadsafe`` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .kv_batch import PaddedKVBatch
+from .loader import LoadedModel
+from .metrics import EngineMetrics
+from .sampling import SamplerState, SamplingParams, sample_next_tokens
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """Base of the errors a caller of ``generate`` may see."""
+
+
+class EngineOverloaded(EngineError):
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotReady(EngineError):
+    """The engine is not accepting work (starting or draining)."""
+
+
+class RequestTimedOut(EngineError):
+    pass
+
+
+class EngineFailure(EngineError):
+    """The forward pass failed for this request (the engine itself keeps running)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_running_requests: int = 32
+    max_waiting_requests: int = 128
+    max_prefill_tokens: int = 2048
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class GenerationOutput:
+    """One step's worth of output for one request: a text delta and the token ids behind it."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+
+
+@dataclass(eq=False)
+class _Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    outbox: asyncio.Queue
+    sampler: SamplerState
+    detokenizer: IncrementalDetokenizer
+    arrival: float
+    deadline: float
+    output_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits, metrics: EngineMetrics | None = None):
+        self.model_info = loaded
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._eos = frozenset(loaded.eos_token_ids)
+        self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else (
+            loaded.eos_token_ids[0])
+        self._num_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
+        self.limits = limits
+        self.metrics = metrics or EngineMetrics(model_name=loaded.name)
+
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._lock = threading.Lock()
+        self._admitted = 0  # submitted and not yet finished; bounds running + waiting
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+        # engine-thread state
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._batch = PaddedKVBatch(self._num_layers)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting and wait for in-flight requests to finish. True when all finished."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout_s
+        while self._admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._admitted == 0
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; anything still running ends with an error."""
+        self._accepting = False
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
+        """Admit a request now (or raise EngineOverloaded / EngineNotReady) and return its output stream.
+
+        Submitting before the caller commits to a response lets HTTP answer 429/503 with a real status.
+        Iterate the stream for outputs; ``cancel()`` (or leaving it unfinished and closing it) frees the slot.
+        """
+        return RequestStream(self, self._submit(prompt_ids, params))
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> _Sequence:
+        if not self._accepting:
+            self.metrics.rejected("not_ready")
+            raise EngineNotReady("the model service is not accepting requests (starting up or shutting down)")
+        with self._lock:
+            if self._admitted >= self.limits.max_running_requests + self.limits.max_waiting_requests:
+                self.metrics.rejected("queue_full")
+                raise EngineOverloaded(
+                    f"the server is at capacity ({self.limits.max_running_requests} running, "
+                    f"{self.limits.max_waiting_requests} waiting); retry shortly")
+            self._admitted += 1
+        now = time.monotonic()
+        seq = _Sequence(
+            id=next(self._ids),
+            prompt_ids=list(prompt_ids),
+            params=params,
+            loop=asyncio.get_running_loop(),
+            outbox=asyncio.Queue(),
+            sampler=SamplerState(params, prompt_ids),
+            detokenizer=IncrementalDetokenizer(self._tokenizer, prompt_ids, params.stop),
+            arrival=now,
+            deadline=now + self.limits.request_timeout_s,
+        )
+        self._inbox.put(seq)
+        self._wakeup.set()
+        return seq
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        log.info("engine started", extra={"max_running_requests": self.limits.max_running_requests,
+                                          "max_waiting_requests": self.limits.max_waiting_requests})
+        with torch.inference_mode():
+            while not self._stopping:
+                self._wakeup.clear()
+                self._collect_new()
+                events: list[tuple[_Sequence, object]] = []
+                self._reap(events)
+                if self._waiting or self._running:
+                    try:
+                        self._step(events)
+                    except Exception as exc:  # a failed forward must not kill the engine
+                        log.exception("engine step failed; failing the affected requests")
+                        self._fail_all(events, EngineFailure(f"inference failed: {type(exc).__name__}"))
+                self._deliver(events)
+                if not self._waiting and not self._running and not events:
+                    self._wakeup.wait(timeout=0.5)
+            events = []
+            self._fail_all(events, EngineNotReady("the model service shut down before this request finished"))
+            self._deliver(events)
+        log.info("engine stopped")
+
+    def _collect_new(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        self.metrics.num_requests_waiting.set(len(self._waiting))
+
+    def _reap(self, events: list) -> None:
+        """Drop cancelled and timed-out sequences from the queue and the batch."""
+        now = time.monotonic()
+        for seq in [s for s in self._waiting if s.cancelled or now > s.deadline]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled" if seq.cancelled else "timeout", events,
+                         None if seq.cancelled else RequestTimedOut("the request timed out in the queue"))
+        gone = [i for i, s in enumerate(self._running) if s.cancelled or now > s.deadline]
+        if gone:
+            for i in gone:
+                seq = self._running[i]
+                self._finish(seq, "cancelled" if seq.cancelled else "timeout", events,
+                             None if seq.cancelled else RequestTimedOut("the request timed out while generating"))
+            self._retain([i for i in range(len(self._running)) if i not in set(gone)])
+
+    def _retain(self, keep: list[int]) -> None:
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        self._batch.select(keep)
+        self.metrics.num_requests_running.set(len(self._running))
+
+    def _step(self, events: list) -> None:
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted, events)
+        if self._running:
+            self._decode(events)
+
+    def _admit(self) -> list[_Sequence]:
+        room = self.limits.max_running_requests - len(self._running)
+        chosen: list[_Sequence] = []
+        budget = self.limits.max_prefill_tokens
+        while self._waiting and len(chosen) < room:
+            cost = len(self._waiting[0].prompt_ids)
+            if chosen and cost > budget:
+                break  # the rest waits for the next step, so running sequences keep decoding
+            budget -= cost
+            chosen.append(self._waiting.popleft())
+        self.metrics.num_requests_waiting.set(len(self._waiting))
+        return chosen
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill(self, group: list[_Sequence], events: list) -> None:
+        now = time.monotonic()
+        for seq in group:
+            self.metrics.request_queue_time.observe(now - seq.arrival)
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        width = max(len(s.prompt_ids) for s in group)
+        input_ids = torch.full((len(group), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, seq in enumerate(group):
+            n = len(seq.prompt_ids)
+            input_ids[row, width - n:] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            mask[row, width - n:] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        fresh = PaddedKVBatch(self._num_layers)
+        fresh.mask = mask
+        logits = self._forward(input_ids, mask, positions, fresh.cache)
+        tokens = sample_next_tokens(logits, [s.sampler for s in group])
+        keep = [i for i, (seq, tok) in enumerate(zip(group, tokens)) if not self._on_token(seq, tok, events)]
+        if len(keep) < len(group):
+            fresh.select(keep)
+        if keep:
+            self._batch.absorb(fresh)
+            self._running.extend(group[i] for i in keep)
+        self.metrics.num_requests_running.set(len(self._running))
+
+    def _decode(self, events: list) -> None:
+        running = self._running
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in running], dtype=torch.long)
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in running], dtype=torch.long)
+        mask = self._batch.mask_for_step(1)
+        logits = self._forward(input_ids, mask, positions, self._batch.cache)
+        self.metrics.batch_size.observe(len(running))
+        tokens = sample_next_tokens(logits, [s.sampler for s in running])
+        keep = [i for i, (seq, tok) in enumerate(zip(running, tokens)) if not self._on_token(seq, tok, events)]
+        self._retain(keep)
+
+    def _on_token(self, seq: _Sequence, token: int, events: list) -> bool:
+        """Record one generated token; queue its output. Returns True when the sequence finished."""
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - seq.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.output_ids.append(token)
+        seq.sampler.record(token)
+        self.metrics.generation_tokens.inc()
+
+        finish = None
+        if token in self._eos:
+            text = seq.detokenizer.flush()
+            finish = "stop"
+        else:
+            text = seq.detokenizer.add_token(token)
+            if seq.detokenizer.stopped:
+                finish = "stop"
+            elif (len(seq.output_ids) >= seq.params.max_tokens
+                  or len(seq.prompt_ids) + len(seq.output_ids) >= self.model_info.context_length):
+                text += seq.detokenizer.flush()
+                finish = "length"
+        events.append((seq, GenerationOutput(text, [token], len(seq.prompt_ids), len(seq.output_ids), finish)))
+        if finish is not None:
+            self._finish(seq, finish, events, None)
+            return True
+        return False
+
+    def _finish(self, seq: _Sequence, reason: str, events: list, error: Exception | None) -> None:
+        seq.done = True
+        self.metrics.finished(reason)
+        self.metrics.e2e_request_latency.observe(time.monotonic() - seq.arrival)
+        with self._lock:
+            self._admitted -= 1
+        if error is not None:
+            events.append((seq, error))
+
+    def _fail_all(self, events: list, error: Exception) -> None:
+        for seq in list(self._waiting) + self._running:
+            if not seq.done:
+                self._finish(seq, "error", events, error)
+        self._waiting.clear()
+        self._running = []
+        self._batch = PaddedKVBatch(self._num_layers)
+        self.metrics.num_requests_running.set(0)
+        self.metrics.num_requests_waiting.set(0)
+
+    @staticmethod
+    def _deliver(events: list) -> None:
+        """Hand a step's outputs to the event loop(s) in one thread-safe call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, item in events:
+            by_loop.setdefault(seq.loop, []).append((seq.outbox, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last one has a finish_reason."""
+
+    def __init__(self, engine: Engine, seq: _Sequence):
+        self._engine = engine
+        self._seq = seq
+        self._ended = False  # the final output was returned, or the caller cancelled
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._seq.prompt_ids)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._seq.outbox.get()
+        if isinstance(item, Exception):
+            self._ended = True
+            raise item
+        if item.finish_reason is not None:
+            self._ended = True
+        return item
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its batch slot is freed before the next decode step."""
+        self._ended = True
+        if not self._seq.done:
+            self._seq.cancelled = True
+            self._engine._wakeup.set()
+
+
+def _put_all(items: list) -> None:
+    for outbox, item in items:
+        outbox.put_nowait(item)

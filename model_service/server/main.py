@@ -1,0 +1,142 @@
+"""Process lifecycle: start the servers, load the model, serve, drain on SIGTERM/SIGINT, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+
+import uvicorn
+
+from model_service.config import Settings
+from model_service.llm.engine import Engine, EngineLimits
+from model_service.llm.loader import ModelLoadError, load_model, resolve_model_source
+
+from .http_api import create_app
+from .logging_setup import configure_logging
+from .state import Phase, ServiceState
+
+log = logging.getLogger("model_service")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: this process decides the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind now, so port 0 resolves to a real port we can log and advertise."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    return EngineLimits(
+        max_running_requests=settings.max_running_requests,
+        max_waiting_requests=settings.max_waiting_requests,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        request_timeout_s=settings.request_timeout_s,
+    )
+
+
+def _in_daemon_thread(fn) -> asyncio.Future:
+    """Run ``fn`` on a daemon thread: a signal during a long model load must not wait for the load."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target():
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(exc))
+        else:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+    threading.Thread(target=target, name="load-model", daemon=True).start()
+    return future
+
+
+async def serve(settings: Settings) -> int:
+    """Run the service until a signal; returns the exit code."""
+    try:
+        _, _, default_name = resolve_model_source(settings.model)
+    except ModelLoadError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    state = ServiceState(settings, settings.served_model_name or default_name)
+
+    http_sock = bind_socket(settings.host, settings.http_port)
+    http_port = http_sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(state), log_config=None, access_log=False, lifespan="off",
+        timeout_keep_alive=30, timeout_graceful_shutdown=5,
+    )
+    http_server = _Uvicorn(config)
+    http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]), name="http")
+    log.info("http listening", extra={"host": settings.host, "http_port": http_port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    exit_code = 0
+    load_task = _in_daemon_thread(lambda: load_model(
+        settings.model, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+        threads=settings.resolved_threads(), max_model_len=settings.max_model_len,
+        served_model_name=state.model_name,
+    ))
+    stop_wait = asyncio.create_task(stop.wait())
+    await asyncio.wait({load_task, stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
+
+    if load_task.done() and not stop.is_set() and not http_task.done():
+        try:
+            loaded = load_task.result()
+        except ModelLoadError as exc:
+            log.error("cannot start: %s", exc)
+            state.phase, exit_code = Phase.FAILED, 2
+            stop.set()
+        else:
+            engine = Engine(loaded, engine_limits(settings), state.metrics)
+            engine.start()
+            state.engine = engine
+            state.phase = Phase.READY
+            log.info("ready", extra={"model": state.model_name, "http_port": http_port})
+            await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    if http_task.done() and http_task.exception():
+        log.error("http server failed: %s", http_task.exception())
+        exit_code = 1
+
+    # Shutdown order: stop taking work (readiness 503), let running requests finish, then close.
+    log.info("shutting down", extra={"in_flight": state.engine.in_flight if state.engine else 0})
+    if state.phase is Phase.READY:
+        state.phase = Phase.DRAINING
+    if state.engine is not None:
+        drained = await state.engine.drain(settings.drain_timeout_s)
+        if not drained:
+            log.warning("drain timeout: ending the remaining requests", extra={"in_flight": state.engine.in_flight})
+        await asyncio.to_thread(state.engine.shutdown)
+    http_server.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(http_task, timeout=10)
+    stop_wait.cancel()
+    if not load_task.done():
+        load_task.cancel()
+        log.info("model load interrupted")  # the loader thread is a daemon and dies with the process
+    log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code
+
+
+def run(settings: Settings) -> int:
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(serve(settings))
