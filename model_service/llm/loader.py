@@ -7,6 +7,7 @@ here from the checkpoint itself, never hard-coded.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -175,10 +176,21 @@ def load_model(
     if gguf_file is not None:
         source = _convert_gguf_once(Path(source), default_name)
 
+    if isinstance(source, Path) and not trust_remote_code:
+        model_type = json.loads((source / "config.json").read_text()).get("model_type")
+        if model_type in CHATGLM_REMOTE_CODE_TYPES:
+            raise ModelLoadError(
+                f"{source} is a ChatGLM2/ChatGLM3 checkpoint, whose code ships in the directory; "
+                "start with --trust-remote-code to allow it, or use a GLM-4 '-hf' checkpoint that transformers "
+                "implements natively"
+            )
+
     started = time.monotonic()
     log.info("loading model", extra={"model": str(source), "dtype": dtype})
+    # A hub id is only honoured from the local Hugging Face cache: pods never download at run time.
+    common = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, **common)
     except ValueError as exc:
         text = str(exc)
         if "trust_remote_code" in text:
@@ -195,20 +207,11 @@ def load_model(
     except KeyError as exc:
         raise ModelLoadError(f"unknown model architecture at {source}: {exc}") from None
 
-    if getattr(config, "model_type", None) in CHATGLM_REMOTE_CODE_TYPES and not trust_remote_code:
-        raise ModelLoadError(
-            f"{source} is a ChatGLM2/ChatGLM3 checkpoint, whose code ships in the directory; "
-            "start with --trust-remote-code to allow it, or use a GLM-4 '-hf' checkpoint that transformers "
-            "implements natively"
-        )
-
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, **common)
     except ValueError as exc:
         raise ModelLoadError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:

@@ -1,0 +1,208 @@
+"""The continuous-batching engine: correctness under batching, cancellation, backpressure, finish reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import chat_ids, start_server
+from model_service.llm.engine import Engine, EngineLimits, EngineOverloaded
+from model_service.llm.sampling import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Name three colors.",
+    "What is 2+2?",
+    "Tell me a joke about cats and dogs and birds, with a long setup and a punchline.",
+    "Explain photosynthesis in one sentence.",
+]
+
+
+@pytest.fixture
+async def engine(smollm):
+    eng = Engine(smollm, EngineLimits(max_running_requests=8, max_waiting_requests=4))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+async def run(engine, ids, **params):
+    outputs = [out async for out in engine.submit(ids, SamplingParams(**params))]
+    return "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids], outputs[-1]
+
+
+async def test_batched_greedy_equals_single_request_greedy(engine, smollm):
+    prompts = [chat_ids(smollm.tokenizer, q) for q in QUESTIONS]
+    singles = [await run(engine, p, max_tokens=40, temperature=0) for p in prompts]
+    # all at once, and staggered so that requests join a batch that is already decoding
+    together = await asyncio.gather(*(run(engine, p, max_tokens=40, temperature=0) for p in prompts))
+
+    async def late(p, delay):
+        await asyncio.sleep(delay)
+        return await run(engine, p, max_tokens=40, temperature=0)
+
+    staggered = await asyncio.gather(*(late(p, 0.15 * i) for i, p in enumerate(prompts)))
+    for single, batched, joined in zip(singles, together, staggered):
+        assert batched[1] == single[1]
+        assert joined[1] == single[1]
+        assert batched[0] == single[0]
+    assert "Paris" in singles[0][0]
+
+
+async def test_batch_really_forms(engine, smollm):
+    prompts = [chat_ids(smollm.tokenizer, q) for q in QUESTIONS]
+    sizes: list[int] = []
+    original = engine._decode
+
+    def spy(events):  # record how many sequences share each decode step
+        sizes.append(len(engine._running))
+        original(events)
+
+    engine._decode = spy
+    await asyncio.gather(*(run(engine, p, max_tokens=16, temperature=0) for p in prompts))
+    assert max(sizes) == len(prompts)
+    assert len(sizes) < 16 * len(prompts) / 2  # far fewer forward passes than one per token per request
+
+
+async def test_max_tokens_and_stop_strings_end_with_the_right_reason(engine, smollm):
+    ids = chat_ids(smollm.tokenizer, "What is the capital of France?")
+    text, tokens, last = await run(engine, ids, max_tokens=3, temperature=0)
+    assert last.finish_reason == "length" and len(tokens) == 3 and last.completion_tokens == 3
+    text, tokens, last = await run(engine, ids, max_tokens=30, temperature=0)
+    assert last.finish_reason == "stop" and tokens[-1] in smollm.eos_token_ids  # natural end: eos
+    assert text == "The capital of France is Paris."
+    text, _, last = await run(engine, ids, max_tokens=30, temperature=0, stop=("of Fr",))
+    assert last.finish_reason == "stop" and text == "The capital "
+    text, _, last = await run(engine, ids, max_tokens=30, temperature=0, stop=("zzz", "Paris"))
+    assert last.finish_reason == "stop" and text == "The capital of France is "
+
+
+async def test_cancelled_stream_frees_its_slot(engine, smollm):
+    ids = chat_ids(smollm.tokenizer, "Write a long story about a dragon.")
+    stream = engine.submit(ids, SamplingParams(max_tokens=400, temperature=0))
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    assert engine.metrics.num_requests_running._value.get() == 1
+    stream.cancel()
+    deadline = time.monotonic() + 5
+    while engine.metrics.num_requests_running._value.get() != 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.metrics.num_requests_running._value.get() == 0
+    assert engine.in_flight == 0
+
+
+async def test_admission_is_bounded(engine, smollm):
+    ids = chat_ids(smollm.tokenizer, "Count to one hundred.")
+    streams = [engine.submit(ids, SamplingParams(max_tokens=20, temperature=0)) for _ in range(12)]
+    with pytest.raises(EngineOverloaded):
+        engine.submit(ids, SamplingParams(max_tokens=20, temperature=0))
+    finished = [[o async for o in s][-1].finish_reason for s in streams]
+    assert finished == ["length"] * 12  # everything admitted completes
+    assert engine.in_flight == 0
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else float("nan")
+
+
+@pytest.mark.slow
+def test_overload_gets_429_quickly_while_admitted_requests_finish(tmp_path):
+    srv = start_server(tmp_path, "--max-running-requests", "2", "--max-waiting-requests", "1")
+    try:
+        url = f"{srv.base_url}/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 20, "temperature": 0}
+        results: list[tuple[int, float, dict]] = []
+
+        def call():
+            started = time.monotonic()
+            r = httpx.post(url, json=body, timeout=300)
+            results.append((r.status_code, time.monotonic() - started, r.json() | {"headers": dict(r.headers)}))
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            m = httpx.get(f"{srv.base_url}/metrics").text
+            if metric(m, "model_service_num_requests_running") + metric(m, "model_service_num_requests_waiting") >= 3:
+                break
+            time.sleep(0.02)
+        extra = [threading.Thread(target=call) for _ in range(4)]
+        for t in extra:
+            t.start()
+        for t in threads + extra:
+            t.join(300)
+        ok = [r for r in results if r[0] == 200]
+        rejected = [r for r in results if r[0] == 429]
+        assert len(ok) >= 3 and len(rejected) >= 1, [r[0] for r in results]
+        for _, seconds, payload in rejected:
+            assert seconds < 2.0
+            assert payload["error"]["code"] == "server_overloaded"
+            assert int(payload["headers"]["retry-after"]) >= 1
+        assert all(r[2]["choices"][0]["finish_reason"] == "length" for r in ok)
+        m = httpx.get(f"{srv.base_url}/metrics").text
+        assert 'model_service_requests_rejected_total{model_name="smollm2-135m-instruct",reason="queue_full"}' in m
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_client_disconnect_frees_the_slot_over_http(server, client):
+    """A streaming client that goes away stops generation within a step (no tokens for nobody)."""
+    def running() -> float:
+        return metric(client.get("/metrics").text, "model_service_num_requests_running")
+
+    generated_before = metric(client.get("/metrics").text, "model_service_generation_tokens_total")
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000,
+            "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+        assert running() == 1
+    deadline = time.monotonic() + 5
+    while running() != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
+    generated = metric(client.get("/metrics").text, "model_service_generation_tokens_total") - generated_before
+    assert generated < 200  # far from the 2000 asked for: it stopped when the client left
+
+    # the non-streaming path too: a client that times out
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000},
+            timeout=1.5)
+    deadline = time.monotonic() + 5
+    while running() != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
+
+
+def test_metrics_are_exposed_with_conventional_names(client):
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    text = client.get("/metrics").text
+    for name in ("model_service_time_to_first_token_seconds_bucket", "model_service_inter_token_latency_seconds_bucket",
+                 "model_service_e2e_request_latency_seconds_bucket", "model_service_request_queue_time_seconds_bucket",
+                 "model_service_num_requests_running", "model_service_num_requests_waiting",
+                 "model_service_prompt_tokens_total", "model_service_generation_tokens_total",
+                 "process_resident_memory_bytes"):
+        assert name in text, name
+    assert metric(text, "model_service_generation_tokens_total") > 0
+
+
+async def test_stop_string_split_across_tokens_is_never_emitted(engine, smollm):
+    ids = chat_ids(smollm.tokenizer, "What is the capital of France?")
+    stream = engine.submit(ids, SamplingParams(max_tokens=30, temperature=0, stop=("ance is Par",)))
+    deltas = [o.text async for o in stream]
+    assert "".join(deltas) == "The capital of Fr"
+    assert not any("ance" in d for d in deltas)

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible HTTP API against the real service on the real default model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from conftest import API_KEY
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+MODEL = "smollm2-135m-instruct"
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server.base_url}/health/live").status_code == 200
+    ready = httpx.get(f"{server.base_url}/health/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == 8192
+
+
+def test_chat_answers_paris(client):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": FRANCE, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert "Paris" in choice["message"]["content"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 10 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_streams_paris_with_usage(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": MODEL, "messages": FRANCE, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert "Paris" in text
+    content_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) > 2, "tokens must arrive as separate events"
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [c["choices"][0]["finish_reason"] for c in finals] == ["stop"]
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_streamed_and_unary_agree(client):
+    request = {"model": MODEL, "messages": FRANCE, "temperature": 0, "max_tokens": 20}
+    unary = client.post("/v1/chat/completions", json=request).json()
+    with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as r:
+        chunks = sse_events(r)[:-1]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == unary["choices"][0]["message"]["content"]
+
+
+def test_completions_length_and_stream(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "The capital of France is",
+                                              "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert "Paris" in body["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={
+        "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}}) as s:
+        events = sse_events(s)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+    assert text == body["choices"][0]["text"]
+    assert events[-2]["usage"]["completion_tokens"] == 5
+
+
+def test_stop_string_is_honoured_and_not_emitted(client):
+    r = client.post("/v1/chat/completions", json={"messages": FRANCE, "temperature": 0, "stop": [" Paris"]})
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    text = body["choices"][0]["message"]["content"]
+    assert "Paris" not in text and text.startswith("The capital of France is")
+
+
+def test_seeded_sampling_is_reproducible(client):
+    request = {"messages": [{"role": "user", "content": "Tell me a short story."}], "temperature": 1.0,
+               "top_p": 0.9, "top_k": 50, "seed": 1234, "max_tokens": 16, "frequency_penalty": 0.5,
+               "presence_penalty": 0.2, "repetition_penalty": 1.1}
+    first = client.post("/v1/chat/completions", json=request).json()
+    second = client.post("/v1/chat/completions", json=request).json()
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+
+
+def test_openai_client_unchanged(server):
+    oa = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in oa.models.list()] == [MODEL]
+    completion = oa.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
+    assert "Paris" in completion.choices[0].message.content
+    assert completion.usage.completion_tokens > 0
+    stream = oa.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, stream=True,
+                                        stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "Paris" in "".join(parts)
+    assert usage.completion_tokens == completion.usage.completion_tokens
+    legacy = oa.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert legacy.choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="gpt-4", messages=FRANCE)
+
+
+def test_api_key_required_on_v1_only(server):
+    url = f"{server.base_url}/v1/chat/completions"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(url, json={"messages": FRANCE}, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server.base_url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.base_url}/metrics").status_code == 200
+    assert httpx.get(f"{server.base_url}/health/ready").status_code == 200
+
+
+BIG = "x" * 2_000_000
+
+BAD_REQUESTS = [
+    # (name, body (dict/str/bytes), status, error type, param)
+    ("malformed json", b'{"messages": [', 400, "invalid_request_error", None),
+    ("body is a list", [1, 2], 400, "invalid_request_error", None),
+    ("missing messages", {"model": MODEL}, 400, "invalid_request_error", "messages"),
+    ("empty messages", {"messages": []}, 400, "invalid_request_error", "messages"),
+    ("messages wrong type", {"messages": "hi"}, 400, "invalid_request_error", "messages"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request_error",
+     "messages.0.role"),
+    ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "invalid_request_error", "messages.0.content.0"),
+    ("temperature wrong type", {"messages": FRANCE, "temperature": "hot"}, 400, "invalid_request_error",
+     "temperature"),
+    ("temperature too high", {"messages": FRANCE, "temperature": 7}, 400, "invalid_request_error", "temperature"),
+    ("negative max_tokens", {"messages": FRANCE, "max_tokens": -5}, 400, "invalid_request_error", "max_tokens"),
+    ("max_tokens as float", {"messages": FRANCE, "max_tokens": 1.5}, 400, "invalid_request_error", "max_tokens"),
+    ("prompt+max_tokens over context", {"messages": FRANCE, "max_tokens": 10_000}, 400, "invalid_request_error",
+     "max_tokens"),
+    ("top_p zero", {"messages": FRANCE, "top_p": 0}, 400, "invalid_request_error", "top_p"),
+    ("absurd penalty", {"messages": FRANCE, "presence_penalty": 1e9}, 400, "invalid_request_error",
+     "presence_penalty"),
+    ("n=2", {"messages": FRANCE, "n": 2}, 400, "invalid_request_error", "n"),
+    ("too many stops", {"messages": FRANCE, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error",
+     "stop"),
+    ("tools", {"messages": FRANCE, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "invalid_request_error", "tools"),
+    ("unknown model", {"model": "gpt-4", "messages": FRANCE}, 404, "invalid_request_error", "model"),
+    ("body too large", {"messages": [{"role": "user", "content": BIG}]}, 413, "invalid_request_error", None),
+]
+
+
+@pytest.mark.parametrize("name,body,status,etype,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(client, name, body, status, etype, param):
+    if isinstance(body, bytes):
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == etype
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_completion_bad_requests(client):
+    r = client.post("/v1/completions", json={"prompt": [999_999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"prompt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"prompt": "x " * 9000})
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+
+
+def test_service_keeps_serving_after_bad_input(client):
+    for _, body, *_ in BAD_REQUESTS[:5]:
+        client.post("/v1/chat/completions", json=body if not isinstance(body, bytes) else None)
+    r = client.post("/v1/chat/completions", json={"messages": FRANCE, "temperature": 0, "max_tokens": 12})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_unknown_path_is_openai_shaped_404(client):
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

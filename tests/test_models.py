@@ -1,0 +1,153 @@
+"""Model loading: a tiny random GLM-4 through the same code path, and clear startup errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import ROOT, start_server
+
+GLM_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# GLM-4 ends a turn with any of three tokens; a server that only reads tokenizer.eos_token misses two.
+GLM_EOS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+
+
+def build_tiny_glm(path: Path, *, always_emit: str | None = None) -> dict:
+    """A random GLM-4 (Glm4ForCausalLM) with a word-level tokenizer and GLM-4's chat format.
+
+    ``always_emit``: make greedy decoding pick that token at every step (final norm zeroed, so all
+    logits tie at 0 and argmax takes the lowest id; the vocabulary puts that token first).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, Glm4Config, Glm4ForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|observation|>", "<|endoftext|>", "<|user|>", "[gMASK]", "<sop>", "<|system|>",
+                "<|assistant|>", "<unk>"]
+    if always_emit:
+        specials.remove(always_emit)
+        specials.insert(0, always_emit)
+    words = ["the", "capital", "of", "france", "is", "paris", "what", "?", ".", "hello", "world"]
+    words += [f"w{i}" for i in range(100)]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Punctuation()])
+    from tokenizers import AddedToken
+
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = GLM_TEMPLATE
+    eos_ids = [vocab[t] for t in GLM_EOS]
+    config = Glm4Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                        eos_token_id=eos_ids, pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = Glm4ForCausalLM(config)
+    if always_emit:
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=vocab["<|endoftext|>"])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def glm_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("glm")
+    random_dir, eos_dir = base / "glm-random", base / "glm-eos"
+    vocab = build_tiny_glm(random_dir)
+    build_tiny_glm(eos_dir, always_emit="<|observation|>")
+    return random_dir, eos_dir, vocab
+
+
+def test_tiny_glm_loads_with_chat_template_and_all_eos_ids(glm_dirs):
+    from model_service.llm.chat import encode_chat
+    from model_service.llm.loader import load_model
+
+    random_dir, _, vocab = glm_dirs
+    loaded = load_model(str(random_dir))
+    assert loaded.architecture == "Glm4ForCausalLM"
+    assert loaded.context_length == 256
+    assert sorted(loaded.eos_token_ids) == sorted(vocab[t] for t in GLM_EOS)
+    ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": "what is the capital of france ?"}])
+    expected = ["[gMASK]", "<sop>", "<|user|>", "what", "is", "the", "capital", "of", "france", "?", "<|assistant|>"]
+    assert ids == [vocab[t] for t in expected]
+
+
+def test_glm_generation_stops_at_its_third_eos_id(glm_dirs, tmp_path):
+    """The model emits <|observation|> (GLM-4's third eos id): generation must end there."""
+    _, eos_dir, _ = glm_dirs
+    srv = start_server(tmp_path, "--model", str(eos_dir), "--served-model-name", "glm-4-tiny")
+    try:
+        r = httpx.post(f"{srv.base_url}/v1/chat/completions", json={
+            "model": "glm-4-tiny", "messages": [{"role": "user", "content": "hello"}],
+            "temperature": 0, "max_tokens": 20}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == 1
+        assert body["choices"][0]["message"]["content"] == ""
+        # with the eos id set shrunk to the tokenizer's single eos, the same model runs to max_tokens:
+        # this is what a server that ignores the generation config would do.
+        gen = json.loads((eos_dir / "generation_config.json").read_text())
+        assert len(gen["eos_token_id"]) == 3
+        ready = httpx.get(f"{srv.base_url}/v1/models").json()
+        assert ready["data"][0]["id"] == "glm-4-tiny"
+    finally:
+        assert srv.stop() == 0
+
+
+def test_glm_ignoring_generation_config_would_run_on(glm_dirs):
+    """Control for the test above: the model really emits a non-primary eos id every step."""
+    from model_service.llm.loader import load_model
+
+    _, eos_dir, vocab = glm_dirs
+    loaded = load_model(str(eos_dir))
+    ids = torch.tensor([[vocab["[gMASK]"], vocab["<sop>"], vocab["<|user|>"], vocab["hello"]]])
+    out = loaded.model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=vocab["<|endoftext|>"])
+    assert out[0, 4:].tolist() == [vocab["<|observation|>"]] * 3
+
+
+def run_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_service", "serve", "--http-port", "0", "--grpc-port", "0",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("make_model,expected", [
+    (lambda tmp: str(tmp / "does-not-exist"), "model directory not found"),
+    (lambda tmp: str(tmp / "missing.gguf"), "model file not found"),
+    (lambda tmp: _write(tmp / "noconfig", {}, name="README.md"), "has no config.json"),
+    (lambda tmp: _write(tmp / "alien", {"model_type": "alien-arch-9000"}), "unsupported model"),
+    (lambda tmp: _write(tmp / "chatglm3", {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}),
+     "--trust-remote-code"),
+    (lambda tmp: "THUDM/glm-4-9b-chat-hf", "never downloads"),
+], ids=["missing-dir", "missing-gguf", "not-a-model-dir", "unknown-architecture", "chatglm-needs-remote-code",
+        "hub-id-offline"])
+def test_startup_errors_are_clear(tmp_path, make_model, expected):
+    result = run_serve("--model", make_model(tmp_path), "--log-format", "text")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _write(directory: Path, config: dict, name: str = "config.json") -> str:
+    directory.mkdir(parents=True)
+    (directory / name).write_text(json.dumps(config))
+    return str(directory)
+
+
+def test_invalid_option_is_rejected():
+    result = run_serve("--http-port", "99999")
+    assert result.returncode == 2
+    assert "http_port" in result.stderr or "http-port" in result.stderr
