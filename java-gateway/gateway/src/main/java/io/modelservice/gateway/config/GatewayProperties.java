@@ -1,0 +1,205 @@
+package io.modelservice.gateway.config;
+
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.List;
+
+import jakarta.validation.Valid;
+import jakarta.validation.constraints.NotBlank;
+import jakarta.validation.constraints.Pattern;
+import jakarta.validation.constraints.PositiveOrZero;
+import org.springframework.boot.context.properties.ConfigurationProperties;
+import org.springframework.util.unit.DataSize;
+import org.springframework.validation.annotation.Validated;
+
+/**
+ * Everything the gateway's own code reads: callers (API keys, JWT), limits, model routes, resilience.
+ * Bound from {@code llm-gateway.*} (application.yml, environment variables, command-line flags).
+ */
+@Validated
+@ConfigurationProperties(prefix = "llm-gateway")
+public class GatewayProperties {
+
+    /** The key the model service expects ({@code MODEL_SERVICE_API_KEY}); sent upstream instead of the caller's. */
+    private String internalApiKey = "";
+
+    /** Header that carries the authenticated caller's name upstream. */
+    private String callerHeader = "X-Caller-Id";
+
+    /** Largest request body accepted at the edge (413 past it). */
+    private DataSize maxBodySize = DataSize.ofMegabytes(1);
+
+    /** Longest silence between two chunks of a streamed answer before the gateway ends it. */
+    private Duration streamIdleTimeout = Duration.ofSeconds(120);
+
+    @Valid
+    private List<ApiKey> apiKeys = new ArrayList<>();
+
+    @Valid
+    private Jwt jwt = new Jwt();
+
+    @Valid
+    private List<ModelRoute> routes = new ArrayList<>(List.of(new ModelRoute()));
+
+    @Valid
+    private Resilience resilience = new Resilience();
+
+    /** A caller authenticating with {@code Authorization: Bearer <key>}; only the key's SHA-256 is configured. */
+    public static class ApiKey {
+        /** The caller's name: logged, forwarded upstream, used for its limits. */
+        @NotBlank
+        private String name;
+        /** Lower-case hex SHA-256 of the key ({@code printf %s "$KEY" | sha256sum}). */
+        @Pattern(regexp = "[0-9a-fA-F]{64}", message = "must be 64 hex characters (SHA-256)")
+        private String sha256;
+        /** Models this caller may use; empty or "*" means all. */
+        private List<String> models = new ArrayList<>();
+        /** Requests per minute; 0 means unlimited. */
+        @PositiveOrZero
+        private long requestsPerMinute = 60;
+        /** LLM tokens (prompt + completion) per minute; 0 means unlimited. */
+        @PositiveOrZero
+        private long tokensPerMinute = 20_000;
+
+        public String getName() { return name; }
+        public void setName(String name) { this.name = name; }
+        public String getSha256() { return sha256; }
+        public void setSha256(String sha256) { this.sha256 = sha256; }
+        public List<String> getModels() { return models; }
+        public void setModels(List<String> models) { this.models = models; }
+        public long getRequestsPerMinute() { return requestsPerMinute; }
+        public void setRequestsPerMinute(long v) { this.requestsPerMinute = v; }
+        public long getTokensPerMinute() { return tokensPerMinute; }
+        public void setTokensPerMinute(long v) { this.tokensPerMinute = v; }
+    }
+
+    /** Bearer JWTs from an identity provider (HS256 shared secret or RS256 public key). */
+    public static class Jwt {
+        private boolean enabled = false;
+        /** HS256 shared secret (at least 32 bytes). */
+        private String hmacSecret = "";
+        /** RS256 public key, PEM ("-----BEGIN PUBLIC KEY-----..."). */
+        private String rsaPublicKey = "";
+        /** Required "iss", when set. */
+        private String issuer = "";
+        /** Required member of "aud", when set. */
+        private String audience = "";
+        /** Claim naming the caller. */
+        private String callerClaim = "sub";
+        /** Claim listing allowed models (array of strings); absent means all. */
+        private String modelsClaim = "models";
+        /** Allowed clock skew for exp/nbf. */
+        private Duration clockSkew = Duration.ofSeconds(60);
+        @PositiveOrZero
+        private long requestsPerMinute = 60;
+        @PositiveOrZero
+        private long tokensPerMinute = 20_000;
+
+        public boolean isEnabled() { return enabled; }
+        public void setEnabled(boolean enabled) { this.enabled = enabled; }
+        public String getHmacSecret() { return hmacSecret; }
+        public void setHmacSecret(String v) { this.hmacSecret = v; }
+        public String getRsaPublicKey() { return rsaPublicKey; }
+        public void setRsaPublicKey(String v) { this.rsaPublicKey = v; }
+        public String getIssuer() { return issuer; }
+        public void setIssuer(String issuer) { this.issuer = issuer; }
+        public String getAudience() { return audience; }
+        public void setAudience(String audience) { this.audience = audience; }
+        public String getCallerClaim() { return callerClaim; }
+        public void setCallerClaim(String v) { this.callerClaim = v; }
+        public String getModelsClaim() { return modelsClaim; }
+        public void setModelsClaim(String v) { this.modelsClaim = v; }
+        public Duration getClockSkew() { return clockSkew; }
+        public void setClockSkew(Duration clockSkew) { this.clockSkew = clockSkew; }
+        public long getRequestsPerMinute() { return requestsPerMinute; }
+        public void setRequestsPerMinute(long v) { this.requestsPerMinute = v; }
+        public long getTokensPerMinute() { return tokensPerMinute; }
+        public void setTokensPerMinute(long v) { this.tokensPerMinute = v; }
+    }
+
+    /**
+     * A route {@code /v1/** -> lb://service}. Requests whose JSON "model" is in {@code models} take it; a route
+     * with no models takes every other request. One model service (one Nacos service) per route.
+     */
+    public static class ModelRoute {
+        @NotBlank
+        @Pattern(regexp = "[A-Za-z0-9_.-]+")
+        private String id = "model-service";
+        /** The Nacos service name. */
+        @NotBlank
+        private String service = "model-service";
+        /** Model names served by this route; empty = the default route. */
+        private List<String> models = new ArrayList<>();
+        /** When this route's service is down (no healthy instance, circuit open), retry on this route instead. */
+        private String fallbackRoute = "";
+        /** The model name to put in the request when the fallback route serves it (empty: unchanged). */
+        private String fallbackModel = "";
+        /**
+         * Longest wait for the response headers. Non-streamed answers send their headers when generation ends,
+         * so this bounds a whole non-streamed generation; a stream is then bounded only by the stream idle timeout.
+         */
+        private Duration responseTimeout = Duration.ofSeconds(300);
+        private Duration connectTimeout = Duration.ofSeconds(2);
+
+        public String getId() { return id; }
+        public void setId(String id) { this.id = id; }
+        public String getService() { return service; }
+        public void setService(String service) { this.service = service; }
+        public List<String> getModels() { return models; }
+        public void setModels(List<String> models) { this.models = models; }
+        public String getFallbackRoute() { return fallbackRoute; }
+        public void setFallbackRoute(String v) { this.fallbackRoute = v; }
+        public String getFallbackModel() { return fallbackModel; }
+        public void setFallbackModel(String v) { this.fallbackModel = v; }
+        public Duration getResponseTimeout() { return responseTimeout; }
+        public void setResponseTimeout(Duration v) { this.responseTimeout = v; }
+        public Duration getConnectTimeout() { return connectTimeout; }
+        public void setConnectTimeout(Duration v) { this.connectTimeout = v; }
+    }
+
+    /** Retries, per-instance and per-route circuit breakers. */
+    public static class Resilience {
+        /** Further attempts on another instance after a connect failure or a 5xx, before any byte reached the client. */
+        @PositiveOrZero
+        private int retries = 2;
+        private Duration retryBackoff = Duration.ofMillis(50);
+        /** Failure rate (percent) over the window that opens a breaker. */
+        private float failureRateThreshold = 50;
+        /** Calls in the sliding window of a breaker. */
+        private int slidingWindowSize = 10;
+        /** Calls needed before a breaker computes a failure rate. */
+        private int minimumNumberOfCalls = 4;
+        /** How long an open breaker stays open before letting trial calls through. */
+        private Duration openStateWait = Duration.ofSeconds(15);
+
+        public int getRetries() { return retries; }
+        public void setRetries(int retries) { this.retries = retries; }
+        public Duration getRetryBackoff() { return retryBackoff; }
+        public void setRetryBackoff(Duration v) { this.retryBackoff = v; }
+        public float getFailureRateThreshold() { return failureRateThreshold; }
+        public void setFailureRateThreshold(float v) { this.failureRateThreshold = v; }
+        public int getSlidingWindowSize() { return slidingWindowSize; }
+        public void setSlidingWindowSize(int v) { this.slidingWindowSize = v; }
+        public int getMinimumNumberOfCalls() { return minimumNumberOfCalls; }
+        public void setMinimumNumberOfCalls(int v) { this.minimumNumberOfCalls = v; }
+        public Duration getOpenStateWait() { return openStateWait; }
+        public void setOpenStateWait(Duration v) { this.openStateWait = v; }
+    }
+
+    public String getInternalApiKey() { return internalApiKey; }
+    public void setInternalApiKey(String v) { this.internalApiKey = v; }
+    public String getCallerHeader() { return callerHeader; }
+    public void setCallerHeader(String v) { this.callerHeader = v; }
+    public DataSize getMaxBodySize() { return maxBodySize; }
+    public void setMaxBodySize(DataSize v) { this.maxBodySize = v; }
+    public Duration getStreamIdleTimeout() { return streamIdleTimeout; }
+    public void setStreamIdleTimeout(Duration v) { this.streamIdleTimeout = v; }
+    public List<ApiKey> getApiKeys() { return apiKeys; }
+    public void setApiKeys(List<ApiKey> apiKeys) { this.apiKeys = apiKeys; }
+    public Jwt getJwt() { return jwt; }
+    public void setJwt(Jwt jwt) { this.jwt = jwt; }
+    public List<ModelRoute> getRoutes() { return routes; }
+    public void setRoutes(List<ModelRoute> routes) { this.routes = routes; }
+    public Resilience getResilience() { return resilience; }
+    public void setResilience(Resilience resilience) { this.resilience = resilience; }
+}

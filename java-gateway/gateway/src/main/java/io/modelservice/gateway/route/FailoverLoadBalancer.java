@@ -1,0 +1,84 @@
+package io.modelservice.gateway.route;
+
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+import java.util.Set;
+import java.util.concurrent.ThreadLocalRandom;
+import java.util.concurrent.atomic.AtomicInteger;
+
+import io.modelservice.gateway.web.GatewayAttributes;
+import org.springframework.beans.factory.ObjectProvider;
+import org.springframework.cloud.client.ServiceInstance;
+import org.springframework.cloud.client.loadbalancer.DefaultResponse;
+import org.springframework.cloud.client.loadbalancer.EmptyResponse;
+import org.springframework.cloud.client.loadbalancer.Request;
+import org.springframework.cloud.client.loadbalancer.RequestDataContext;
+import org.springframework.cloud.client.loadbalancer.Response;
+import org.springframework.cloud.loadbalancer.core.NoopServiceInstanceListSupplier;
+import org.springframework.cloud.loadbalancer.core.ReactorServiceInstanceLoadBalancer;
+import org.springframework.cloud.loadbalancer.core.ServiceInstanceListSupplier;
+import reactor.core.publisher.Mono;
+
+/**
+ * Round robin over the healthy instances Nacos lists, that (1) skips instances whose circuit breaker is open and
+ * (2) on a retry prefers an instance this request has not tried yet, so a retry goes to another pod.
+ */
+public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer {
+
+    private final ObjectProvider<ServiceInstanceListSupplier> suppliers;
+    private final String serviceId;
+    private final InstanceBreakers breakers;
+    private final AtomicInteger position = new AtomicInteger(ThreadLocalRandom.current().nextInt(1000));
+
+    public FailoverLoadBalancer(ObjectProvider<ServiceInstanceListSupplier> suppliers, String serviceId,
+                                InstanceBreakers breakers) {
+        this.suppliers = suppliers;
+        this.serviceId = serviceId;
+        this.breakers = breakers;
+    }
+
+    @Override
+    public Mono<Response<ServiceInstance>> choose(Request request) {
+        ServiceInstanceListSupplier supplier = suppliers.getIfAvailable(NoopServiceInstanceListSupplier::new);
+        Set<?> tried = triedInstances(request);
+        return supplier.get(request).next().map(instances -> pick(instances, tried));
+    }
+
+    Response<ServiceInstance> pick(List<ServiceInstance> instances, Set<?> tried) {
+        List<ServiceInstance> admitted = new ArrayList<>();
+        for (ServiceInstance instance : instances) {
+            if (breakers.admits(instance)) {
+                admitted.add(instance);
+            }
+        }
+        if (admitted.isEmpty()) {
+            return new EmptyResponse();
+        }
+        List<ServiceInstance> fresh = new ArrayList<>();
+        for (ServiceInstance instance : admitted) {
+            if (!tried.contains(InstanceBreakers.key(instance))) {
+                fresh.add(instance);
+            }
+        }
+        List<ServiceInstance> candidates = fresh.isEmpty() ? admitted : fresh;
+        int index = Math.floorMod(position.getAndIncrement(), candidates.size());
+        return new DefaultResponse(candidates.get(index));
+    }
+
+    private static Set<?> triedInstances(Request request) {
+        if (request != null && request.getContext() instanceof RequestDataContext context
+                && context.getClientRequest() != null) {
+            Map<String, Object> attributes = context.getClientRequest().getAttributes();
+            if (attributes != null && attributes.get(GatewayAttributes.TRIED_INSTANCES) instanceof Set<?> set) {
+                return set;
+            }
+        }
+        return Set.of();
+    }
+
+    @Override
+    public String toString() {
+        return "FailoverLoadBalancer[" + serviceId + "]";
+    }
+}

@@ -1,0 +1,26 @@
+package io.modelservice.gateway.web;
+
+/** Exchange attributes the gateway's filters share (and the access log reads). */
+public final class GatewayAttributes {
+    private static final String P = "llm-gateway.";
+
+    public static final String CALLER = P + "caller";
+    public static final String MODEL = P + "model";
+    public static final String STREAM = P + "stream";
+    /** The request body as forwarded (bytes), for fallbacks that rewrite it. */
+    public static final String BODY = P + "body";
+    /** The path the client asked for (before any internal forward). */
+    public static final String ORIGINAL_PATH = P + "originalPath";
+    public static final String USAGE = P + "usage";
+    public static final String ERROR_CODE = P + "errorCode";
+    /** Set of "host:port" instances already tried by this request. */
+    public static final String TRIED_INSTANCES = P + "triedInstances";
+    /** The instance that answered (last attempt). */
+    public static final String UPSTREAM = P + "upstream";
+    public static final String FALLBACK_ROUTE = P + "fallbackRoute";
+    /** The model name to send when the request is served by the fallback route. */
+    public static final String FALLBACK_MODEL = P + "fallbackModel";
+
+    private GatewayAttributes() {
+    }
+}

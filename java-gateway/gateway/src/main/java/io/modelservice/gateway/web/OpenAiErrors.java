@@ -1,0 +1,91 @@
+package io.modelservice.gateway.web;
+
+import java.nio.charset.StandardCharsets;
+import java.util.LinkedHashMap;
+import java.util.Map;
+
+import com.fasterxml.jackson.core.JsonProcessingException;
+import com.fasterxml.jackson.databind.ObjectMapper;
+import org.springframework.core.io.buffer.DataBuffer;
+import org.springframework.http.HttpStatusCode;
+import org.springframework.http.MediaType;
+import org.springframework.http.server.reactive.ServerHttpResponse;
+import org.springframework.web.server.ServerWebExchange;
+import reactor.core.publisher.Mono;
+
+/** Errors in OpenAI's shape: {@code {"error": {"message", "type", "param", "code"}}}. */
+public final class OpenAiErrors {
+
+    private static final ObjectMapper JSON = new ObjectMapper();
+
+    private OpenAiErrors() {
+    }
+
+    /** One error answer: status, the body fields, and an optional Retry-After (seconds, 0 = none). */
+    public record ApiError(int status, String message, String type, String param, String code, long retryAfterSeconds) {
+
+        public static ApiError of(int status, String message, String type, String code) {
+            return new ApiError(status, message, type, null, code, 0);
+        }
+
+        public ApiError retryAfter(long seconds) {
+            return new ApiError(status, message, type, param, code, seconds);
+        }
+
+        public byte[] body() {
+            Map<String, Object> error = new LinkedHashMap<>();
+            error.put("message", message);
+            error.put("type", type);
+            error.put("param", param);
+            error.put("code", code);
+            try {
+                return JSON.writeValueAsBytes(Map.of("error", error));
+            } catch (JsonProcessingException e) {
+                return ("{\"error\":{\"message\":\"internal error\",\"type\":\"server_error\",\"param\":null,"
+                        + "\"code\":\"internal_error\"}}").getBytes(StandardCharsets.UTF_8);
+            }
+        }
+    }
+
+    public static ApiError unauthorized(String message) {
+        return ApiError.of(401, message, "invalid_request_error", "invalid_api_key");
+    }
+
+    public static ApiError notFound(String path) {
+        return ApiError.of(404, "Unknown request URL: " + path + ".", "invalid_request_error", "unknown_url");
+    }
+
+    public static ApiError tooLarge(long maxBytes) {
+        return ApiError.of(413, "The request body exceeds " + maxBytes + " bytes.", "invalid_request_error",
+                "request_too_large");
+    }
+
+    public static ApiError badRequest(String message, String code) {
+        return ApiError.of(400, message, "invalid_request_error", code);
+    }
+
+    public static ApiError unavailable(String message, long retryAfter) {
+        return ApiError.of(503, message, "server_error", "service_unavailable").retryAfter(retryAfter);
+    }
+
+    /** Writes the error as the whole response (if nothing was sent yet). */
+    public static Mono<Void> write(ServerWebExchange exchange, ApiError error) {
+        ServerHttpResponse response = exchange.getResponse();
+        if (response.isCommitted()) {
+            return Mono.empty();
+        }
+        exchange.getAttributes().put(GatewayAttributes.ERROR_CODE, error.code());
+        response.setStatusCode(HttpStatusCode.valueOf(error.status()));
+        response.getHeaders().setContentType(MediaType.APPLICATION_JSON);
+        if (error.status() == 401) {
+            response.getHeaders().set("WWW-Authenticate", "Bearer");
+        }
+        if (error.retryAfterSeconds() > 0) {
+            response.getHeaders().set("Retry-After", Long.toString(error.retryAfterSeconds()));
+        }
+        byte[] body = error.body();
+        response.getHeaders().setContentLength(body.length);
+        DataBuffer buffer = response.bufferFactory().wrap(body);
+        return response.writeWith(Mono.just(buffer));
+    }
+}

@@ -1,0 +1,88 @@
+package io.modelservice.gateway.usage;
+
+import java.nio.charset.StandardCharsets;
+import java.util.List;
+
+import org.junit.jupiter.api.Test;
+import org.springframework.core.io.buffer.DataBuffer;
+import org.springframework.core.io.buffer.DefaultDataBufferFactory;
+
+import static org.assertj.core.api.Assertions.assertThat;
+
+class UsageTapTest {
+
+    final DefaultDataBufferFactory factory = DefaultDataBufferFactory.sharedInstance;
+
+    static final String CHUNK_1 = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n";
+    static final String CHUNK_2 = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}],\"usage\":null}\n\n";
+    static final String FINAL = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n";
+    static final String USAGE = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":2,\"total_tokens\":32}}\n\n";
+    static final String DONE = "data: [DONE]\n\n";
+
+    private String text(DataBuffer buffer) {
+        return buffer.toString(StandardCharsets.UTF_8);
+    }
+
+    @Test
+    void readsUsageOfAStreamTheClientAskedUsageFor() {
+        UsageTap tap = new UsageTap(true, false);
+        List<String> out = UsageTap.run(tap, List.of(CHUNK_1, CHUNK_2, FINAL, USAGE, DONE), factory, this::text);
+        assertThat(String.join("", out)).isEqualTo(CHUNK_1 + CHUNK_2 + FINAL + USAGE + DONE);
+        assertThat(tap.usage()).isEqualTo(new Usage(30, 2, 32, true));
+    }
+
+    @Test
+    void passthroughModeForwardsTheVeryBuffersItGets() {
+        UsageTap tap = new UsageTap(true, false);
+        DataBuffer in = factory.wrap(CHUNK_1.getBytes(StandardCharsets.UTF_8));
+        assertThat(tap.onBuffer(in, factory)).containsExactly(in);
+        assertThat(in.readableByteCount()).isEqualTo(CHUNK_1.length());  // not consumed
+    }
+
+    @Test
+    void removesTheUsageEventItAskedForItself() {
+        UsageTap tap = new UsageTap(true, true);
+        List<String> out = UsageTap.run(tap, List.of(CHUNK_1, CHUNK_2, FINAL, USAGE, DONE), factory, this::text);
+        assertThat(String.join("", out)).isEqualTo(CHUNK_1 + CHUNK_2 + FINAL + DONE);
+        assertThat(out).hasSize(4);  // one write per event: nothing is held back
+        assertThat(tap.usage().totalTokens()).isEqualTo(32);
+    }
+
+    @Test
+    void eventsSplitAcrossBuffersAreReassembledAndCrLfWorks() {
+        String all = (CHUNK_1 + USAGE + DONE).replace("\n\n", "\r\n\r\n");
+        List<String> pieces = List.of(all.substring(0, 7), all.substring(7, 60), all.substring(60, 150),
+                all.substring(150));
+        UsageTap tap = new UsageTap(true, true);
+        List<String> out = UsageTap.run(tap, pieces, factory, this::text);
+        assertThat(String.join("", out)).isEqualTo((CHUNK_1 + DONE).replace("\n\n", "\r\n\r\n"));
+        assertThat(tap.usage().totalTokens()).isEqualTo(32);
+    }
+
+    @Test
+    void estimatesFromContentChunksWhenAStreamEndsWithoutUsage() {
+        UsageTap tap = new UsageTap(true, true);
+        UsageTap.run(tap, List.of(CHUNK_1, CHUNK_2), factory, this::text);
+        assertThat(tap.usage()).isEqualTo(new Usage(0, 2, 2, false));
+    }
+
+    @Test
+    void readsUsageOfAJsonAnswer() {
+        UsageTap tap = new UsageTap(false, false);
+        String body = "{\"id\":\"x\",\"choices\":[{\"message\":{\"content\":\"hi\"}}],"
+                + "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}";
+        List<String> out = UsageTap.run(tap, List.of(body.substring(0, 20), body.substring(20)), factory, this::text);
+        assertThat(String.join("", out)).isEqualTo(body);
+        assertThat(tap.usage()).isEqualTo(new Usage(5, 7, 12, true));
+    }
+
+    @Test
+    void errorEventsAndGarbagePassUntouched() {
+        String error = "data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
+        String comment = ": keep-alive\n\n";
+        UsageTap tap = new UsageTap(true, true);
+        List<String> out = UsageTap.run(tap, List.of(comment, error, "data: not json\n\n"), factory, this::text);
+        assertThat(String.join("", out)).isEqualTo(comment + error + "data: not json\n\n");
+        assertThat(tap.usage().reported()).isFalse();
+    }
+}
