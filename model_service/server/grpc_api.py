@@ -1,0 +1,399 @@
+"""The gRPC adapter: ``llm.v1.LlmService`` plus the standard health and reflection services.
+
+A thin layer like the HTTP adapter: requests become ``GenerationOptions`` and go through the same
+``ServiceState`` request path (model check, prompt building, validation, admission) into the one
+engine, on the same asyncio loop as the HTTP server. So HTTP and gRPC requests share batches,
+limits and error messages.
+
+Lifecycle, driven by ``server.main.serve``::
+
+    grpc_server = GrpcServer(state, settings)
+    port = await grpc_server.start()      # binds now (port 0 picks one); health NOT_SERVING
+    await grpc_server.set_serving(True)   # the model is loaded and the engine accepts work
+    await grpc_server.set_serving(False)  # shutdown begins, before draining
+    await grpc_server.stop(grace)         # after the engine drained
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from model_service import __version__
+from model_service.config import Settings
+from model_service.llm.chat import PromptError
+from model_service.llm.engine import (
+    EngineError,
+    EngineFailure,
+    EngineNotReady,
+    EngineOverloaded,
+    GenerationOutput,
+    RequestStream,
+    RequestTimedOut,
+)
+from model_service.llm.requests import GenerationOptions, UnknownModel
+
+from .grpc_stubs import SERVICE_NAME, llm_pb2, llm_pb2_grpc
+from .state import ServiceState
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("model_service.access")
+
+# Requests larger than this are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are parsed.
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+# Replies are text of at most a context's worth of tokens; this leaves ample room.
+MAX_SEND_BYTES = 16 * 1024 * 1024
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_BYTES),
+    # Ping each connection after 60 s without traffic and drop it when no ack comes in 20 s, so a
+    # client that vanished mid-generation is noticed (its RPC is cancelled and its slot freed).
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # Let clients keep idle channels alive with their own pings (grpc-java keepAliveWithoutCalls),
+    # as often as every 10 s (grpc-java's smallest keepAliveTime) without a GOAWAY too_many_pings.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Our keepalive pings continue through long streams that send no data for a while.
+    ("grpc.http2.max_pings_without_data", 0),
+    # A port already in use is an error, never silently shared with another process.
+    ("grpc.so_reuseport", 0),
+]
+
+# Open without the API key: load balancers and tools must reach them.
+_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+_FINISH_REASONS = {
+    "stop": llm_pb2.FINISH_REASON_STOP,
+    "length": llm_pb2.FINISH_REASON_LENGTH,
+    "content_filter": llm_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+
+
+class GrpcBindError(OSError):
+    """The gRPC port could not be bound."""
+
+
+# ---------------------------------------------------------------------------- errors
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status of an engine, prompt or model error (the gRPC twin of errors.from_exception)."""
+    if isinstance(exc, UnknownModel):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, PromptError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, EngineOverloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, EngineNotReady):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, RequestTimedOut):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, EngineFailure):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
+        log.error("unhandled error in a gRPC call", exc_info=exc)
+    if isinstance(exc, EngineOverloaded):
+        context.set_trailing_metadata((("retry-after-s", str(exc.retry_after_s)),))
+    await context.abort(code, message)
+
+
+def _invalid(message: str, field: str) -> PromptError:
+    return PromptError(message, field)
+
+
+# ---------------------------------------------------------------------------- request mapping
+_SAMPLING_SCALARS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
+                     "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos")
+
+
+def generation_options(request) -> GenerationOptions:
+    """ChatRequest / CompleteRequest -> GenerationOptions; unset optional fields stay None."""
+    values = {name: getattr(request, name) if request.HasField(name) else None for name in _SAMPLING_SCALARS}
+    return GenerationOptions(**values, stop=list(request.stop) or None)
+
+
+def _messages(messages) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _completion_prompt(request) -> str | list[int]:
+    if request.prompt and request.prompt_token_ids:
+        raise _invalid("set only one of 'prompt' and 'prompt_token_ids'", "prompt")
+    if request.prompt_token_ids:
+        return list(request.prompt_token_ids)
+    return request.prompt  # empty: refused by the shared prompt check, naming 'prompt'
+
+
+def _usage(last: GenerationOutput) -> llm_pb2.Usage:
+    return llm_pb2.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                         total_tokens=last.prompt_tokens + last.completion_tokens)
+
+
+# ---------------------------------------------------------------------------- the service
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    def __init__(self, state: ServiceState):
+        self.state = state
+
+    # -- shared steps
+    async def _start(self, context, model: str, start) -> RequestStream:
+        """Model check, then ``start()`` submits through ServiceState; errors end the call."""
+        try:
+            self.state.check_model(model)
+            stream = start()
+        except (PromptError, EngineError, UnknownModel) as exc:
+            await _abort(context, exc)
+        # Deadline passed or client cancelled: grpc cancels the handler, whose finally frees the
+        # slot; this callback does the same however the call ends.
+        context.add_done_callback(lambda _: stream.cancel())
+        return stream
+
+    async def _collect(self, context, stream: RequestStream) -> tuple[str, GenerationOutput]:
+        parts, last = [], None
+        try:
+            async for out in stream:
+                parts.append(out.text)
+                last = out
+        except EngineError as exc:
+            await _abort(context, exc)
+        finally:
+            stream.cancel()
+        if last is None:
+            await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        return "".join(parts), last
+
+    async def _deltas(self, context, stream: RequestStream, message_type, rid: str):
+        """Text deltas, then one final message with the finish reason and usage."""
+        model = self.state.model_name
+        last = None
+        try:
+            async for out in stream:
+                if out.text:
+                    yield message_type(id=rid, model=model, text=out.text)
+                last = out
+        except EngineError as exc:
+            await _abort(context, exc)
+        finally:
+            stream.cancel()  # the call ended early (cancel, deadline, error): free the batch slot now
+        if last is None:
+            await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        yield message_type(id=rid, model=model, finish_reason=_FINISH_REASONS.get(last.finish_reason, 0),
+                           usage=_usage(last))
+
+    def _model_info(self):
+        engine = self.state.engine
+        if engine is None:
+            raise EngineNotReady(f"the model service is {self.state.phase.value}; the model is not loaded yet")
+        return engine.model_info
+
+    # -- RPCs
+    async def Chat(self, request, context):
+        options, messages = generation_options(request), _messages(request.messages)
+        stream = await self._start(context, request.model, lambda: self.state.start_chat(messages, options))
+        text, last = await self._collect(context, stream)
+        return llm_pb2.ChatResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", model=self.state.model_name, text=text,
+            finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last))
+
+    async def ChatStream(self, request, context):
+        options, messages = generation_options(request), _messages(request.messages)
+        stream = await self._start(context, request.model, lambda: self.state.start_chat(messages, options))
+        async for message in self._deltas(context, stream, llm_pb2.ChatStreamResponse,
+                                          f"chatcmpl-{uuid.uuid4().hex}"):
+            yield message
+
+    async def Complete(self, request, context):
+        options = generation_options(request)
+        stream = await self._start(context, request.model, lambda: self.state.start_completion(
+            _completion_prompt(request), options))
+        text, last = await self._collect(context, stream)
+        return llm_pb2.CompleteResponse(
+            id=f"cmpl-{uuid.uuid4().hex}", model=self.state.model_name, text=text,
+            finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last))
+
+    async def CompleteStream(self, request, context):
+        options = generation_options(request)
+        stream = await self._start(context, request.model, lambda: self.state.start_completion(
+            _completion_prompt(request), options))
+        async for message in self._deltas(context, stream, llm_pb2.CompleteStreamResponse,
+                                          f"cmpl-{uuid.uuid4().hex}"):
+            yield message
+
+    async def CountTokens(self, request, context):
+        try:
+            self.state.check_model(request.model)
+            info = self._model_info()
+            if request.messages and request.prompt:
+                raise _invalid("set only one of 'messages' and 'prompt'", "messages")
+            if request.messages:
+                count = self.state.count_prompt_tokens(messages=_messages(request.messages))
+            elif request.prompt:
+                count = self.state.count_prompt_tokens(prompt=request.prompt)
+            else:
+                raise _invalid("set 'messages' or 'prompt'", "messages")
+        except (PromptError, EngineError, UnknownModel) as exc:
+            await _abort(context, exc)
+        return llm_pb2.CountTokensResponse(token_count=count, context_length=info.context_length)
+
+    async def GetModelInfo(self, request, context):
+        try:
+            self.state.check_model(request.model)
+            info = self._model_info()
+        except (EngineError, UnknownModel) as exc:
+            await _abort(context, exc)
+        return llm_pb2.ModelInfo(name=self.state.model_name, context_length=info.context_length,
+                                 architecture=info.architecture, dtype=info.dtype, service_version=__version__)
+
+
+# ---------------------------------------------------------------------------- auth and access log
+class _Gate(grpc.aio.ServerInterceptor):
+    """API key check (``authorization: Bearer <key>``) and one access log line per LlmService call.
+
+    Health and reflection stay open and unlogged, like /health on HTTP.
+    """
+
+    def __init__(self, api_key: str | None):
+        self._key = api_key.encode() if api_key else None
+
+    def _authorized(self, metadata) -> bool:
+        if self._key is None:
+            return True
+        for key, value in metadata or ():
+            if key == "authorization":
+                scheme, _, token = (value.decode() if isinstance(value, bytes) else value).partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
+        return False
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_METHOD_PREFIXES):
+            return handler
+        method = details.method
+        if not self._authorized(details.invocation_metadata):
+            async def deny(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
+            behavior = deny
+        else:
+            behavior = handler.unary_unary or handler.unary_stream
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _logged_unary(method, behavior), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _logged_stream(method, behavior), handler.request_deserializer, handler.response_serializer)
+        return handler  # no client-streaming methods in LlmService
+
+
+def _log_call(method: str, context, started: float, error: BaseException | None) -> None:
+    if isinstance(error, BaseException) and not isinstance(error, Exception):
+        # asyncio.CancelledError: the deadline passed or the client cancelled. The client usually
+        # resets the stream at its deadline a moment before the server's copy of it expires.
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining < 1.0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    else:
+        code = context.code() or (grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK)
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    access_log.info("rpc", extra={"method": method, "status": name,
+                                  "ms": round((time.perf_counter() - started) * 1000, 1)})
+
+
+def _logged_unary(method: str, behavior):
+    async def call(request, context):
+        started, error = time.perf_counter(), None
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _log_call(method, context, started, error)
+
+    return call
+
+
+def _logged_stream(method: str, behavior):
+    async def call(request, context):
+        started, error = time.perf_counter(), None
+        try:
+            if inspect.isasyncgenfunction(behavior):
+                async for message in behavior(request, context):
+                    yield message
+            else:
+                await behavior(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _log_call(method, context, started, error)
+
+    return call
+
+
+# ---------------------------------------------------------------------------- the server
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class GrpcServer:
+    """The grpc.aio server of this process: LlmService, grpc.health.v1.Health, reflection."""
+
+    def __init__(self, state: ServiceState, settings: Settings | None = None):
+        self.state = state
+        self.settings = settings or state.settings
+        self.port: int | None = None
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind (port 0 picks a free one) and start serving; health is NOT_SERVING until set_serving."""
+        api_key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Gate(api_key)])
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        await self.set_serving(False)
+        address = _address(self.settings.host, self.settings.grpc_port)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise GrpcBindError(f"cannot bind gRPC to {address}: {exc}") from None
+        if not port:
+            raise GrpcBindError(f"cannot bind gRPC to {address}")
+        await server.start()
+        self._server, self.port = server, port
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health of "" and "llm.v1.LlmService": SERVING only while the service takes work."""
+        status = _SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Refuse new calls, give running ones ``grace`` seconds, then cancel them."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
