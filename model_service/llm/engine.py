@@ -320,7 +320,7 @@ class Engine:
         self.metrics.generation_tokens.inc()
 
         finish = None
-        if token in self._eos:
+        if token in self._eos and not seq.params.ignore_eos:
             text = seq.detokenizer.flush()
             finish = "stop"
         else:
@@ -388,6 +388,8 @@ class RequestStream:
         if self._ended:
             raise StopAsyncIteration
         item = await self._seq.outbox.get()
+        if item is _CANCELLED or self._ended:
+            raise StopAsyncIteration
         if isinstance(item, Exception):
             self._ended = True
             raise item
@@ -397,10 +399,16 @@ class RequestStream:
 
     def cancel(self) -> None:
         """Stop generating for this request; its batch slot is freed before the next decode step."""
+        if self._ended:
+            return
         self._ended = True
+        self._seq.outbox.put_nowait(_CANCELLED)  # wakes a consumer waiting in __anext__
         if not self._seq.done:
             self._seq.cancelled = True
             self._engine._wakeup.set()
+
+
+_CANCELLED = object()
 
 
 def _put_all(items: list) -> None:

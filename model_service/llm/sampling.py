@@ -23,6 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens (vLLM's extension)
 
     @property
     def greedy(self) -> bool:
