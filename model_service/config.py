@@ -83,6 +83,24 @@ class Settings(BaseSettings):
     nacos_server: str | None = Field(
         None, description="Nacos HOST:PORT; registration is off when unset."
     )
+    nacos_service_name: str = Field("model-service", min_length=1, description="Service name to register as.")
+    nacos_group: str = Field("DEFAULT_GROUP", min_length=1, description="Nacos group of the service and the config.")
+    nacos_namespace: str = Field("", description="Nacos namespace id ('' is the public namespace).")
+    nacos_username: str | None = Field(None, description="Nacos username, when Nacos has auth on.")
+    nacos_password: SecretStr | None = Field(None, description="Nacos password, when Nacos has auth on.")
+    nacos_config_data_id: str = Field(
+        "model-service.yaml", min_length=1,
+        description="Nacos config data id of the hot-reloaded policy (YAML: system_prompt, blocked_patterns, "
+        "default_generation, max_running_requests, max_waiting_requests).",
+    )
+    advertise_host: str | None = Field(
+        None, description="IP registered in Nacos (default: --host when it is a concrete address, else the "
+        "primary outbound interface's IP).",
+    )
+    policy_file: str | None = Field(
+        None, description="Local YAML file with the same settings as the Nacos config (used when Nacos has "
+        "none); re-read when it changes.",
+    )
 
     def resolved_threads(self) -> int:
         import os

@@ -16,6 +16,12 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 
 
+class UnknownModel(Exception):
+    def __init__(self, requested: str, served: str):
+        super().__init__(f"the model '{requested}' does not exist; this server serves '{served}'")
+        self.requested = requested
+
+
 @dataclass
 class GenerationOptions:
     max_tokens: int | None = None
@@ -27,6 +33,7 @@ class GenerationOptions:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
 
 
 def _check_range(name: str, value: float | int | None, low: float, high: float) -> None:
@@ -105,4 +112,5 @@ def to_sampling_params(
         presence_penalty=float(options.presence_penalty or 0.0),
         frequency_penalty=float(options.frequency_penalty or 0.0),
         repetition_penalty=float(options.repetition_penalty or 1.0),
+        ignore_eos=bool(options.ignore_eos),
     )

@@ -6,6 +6,9 @@ from fastapi.responses import JSONResponse
 
 from model_service.llm.chat import PromptError
 from model_service.llm.engine import EngineFailure, EngineNotReady, EngineOverloaded, RequestTimedOut
+from model_service.llm.requests import UnknownModel
+
+from .dynamic_config import ContentFiltered
 
 
 class ApiError(Exception):
@@ -41,6 +44,10 @@ def from_exception(exc: Exception) -> ApiError:
     """Translate engine and prompt errors into their HTTP form."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, UnknownModel):
+        return ApiError(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, ContentFiltered):
+        return invalid(str(exc), exc.param, "content_filter")
     if isinstance(exc, PromptError):
         return invalid(str(exc), exc.param)
     if isinstance(exc, EngineOverloaded):

@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service import __version__
-from model_service.llm.chat import PromptError, encode_chat, encode_completion
+from model_service.llm.chat import PromptError
 from model_service.llm.engine import EngineError, RequestStream
-from model_service.llm.requests import to_sampling_params
+from model_service.llm.requests import UnknownModel
 
 from .errors import ApiError, from_exception, invalid
 from .openai_schema import ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -162,33 +162,23 @@ def create_app(state: ServiceState) -> FastAPI:
         return model_card()
 
     def _unknown_model(name: str) -> ApiError:
-        return ApiError(404, f"the model '{name}' does not exist; this server serves '{state.model_name}'",
-                        "invalid_request_error", "model", "model_not_found")
+        return from_exception(UnknownModel(name, state.model_name))
 
-    def prepare(body: _SamplingFields, encode) -> tuple[RequestStream, list[int]]:
-        engine = state.ready_engine()
-        if body.model is not None and body.model != state.model_name:
-            raise _unknown_model(body.model)
-        problem = body.unsupported()
-        if problem:
-            raise invalid(problem[1], problem[0], "unsupported_parameter")
-        info = engine.model_info
-        prompt_ids = encode(info)
-        params = to_sampling_params(
-            body.generation_options(),
-            prompt_tokens=len(prompt_ids),
-            context_length=info.context_length,
-            default_max_tokens=settings.default_max_tokens,
-        )
-        return engine.submit(prompt_ids, params), prompt_ids
+    def prepare(body: _SamplingFields, start) -> RequestStream:
+        """Checks common to both endpoints, then ``start(options)`` submits to the engine."""
+        try:
+            state.check_model(body.model)
+            problem = body.unsupported()
+            if problem:
+                raise invalid(problem[1], problem[0], "unsupported_parameter")
+            return start(body.generation_options())
+        except (PromptError, EngineError, UnknownModel) as exc:
+            raise from_exception(exc) from None
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        try:
-            stream, _ = prepare(body, lambda info: encode_chat(
-                info.tokenizer, [m.model_dump(exclude_none=False) for m in body.messages]))
-        except (PromptError, EngineError) as exc:
-            raise from_exception(exc) from None
+        messages = [m.model_dump() for m in body.messages]
+        stream = prepare(body, lambda options: state.start_chat(messages, options))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return _sse(_chat_chunks(stream, rid, created, state.model_name, body.include_usage))
@@ -209,11 +199,7 @@ def create_app(state: ServiceState) -> FastAPI:
             prompt = prompt[0]
         if body.suffix:
             raise invalid("suffix is not supported by this server", "suffix", "unsupported_parameter")
-        try:
-            stream, _ = prepare(body, lambda info: encode_completion(
-                info.tokenizer, prompt, info.model.config.get_text_config().vocab_size))
-        except (PromptError, EngineError) as exc:
-            raise from_exception(exc) from None
+        stream = prepare(body, lambda options: state.start_completion(prompt, options))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return _sse(_completion_chunks(stream, rid, created, state.model_name, body.include_usage))

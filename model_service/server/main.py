@@ -15,8 +15,11 @@ from model_service.config import Settings
 from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.loader import ModelLoadError, load_model, resolve_model_source
 
+from .dynamic_config import DynamicConfig, PolicyError
+from .grpc_api import GrpcBindError, GrpcServer
 from .http_api import create_app
 from .logging_setup import configure_logging
+from .nacos import NacosRegistrar
 from .state import Phase, ServiceState
 
 log = logging.getLogger("model_service")
@@ -58,12 +61,21 @@ def _in_daemon_thread(fn) -> asyncio.Future:
         try:
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(exc))
+            loop.call_soon_threadsafe(_settle, future, None, exc)
         else:
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     threading.Thread(target=target, name="load-model", daemon=True).start()
     return future
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 async def serve(settings: Settings) -> int:
@@ -74,6 +86,11 @@ async def serve(settings: Settings) -> int:
         log.error("cannot start: %s", exc)
         return 2
     state = ServiceState(settings, settings.served_model_name or default_name)
+    try:
+        dynamic = DynamicConfig(settings, state)  # operator policy: --policy-file now, Nacos's document later
+    except PolicyError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
 
     http_sock = bind_socket(settings.host, settings.http_port)
     http_port = http_sock.getsockname()[1]
@@ -84,11 +101,24 @@ async def serve(settings: Settings) -> int:
     http_server = _Uvicorn(config)
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]), name="http")
     log.info("http listening", extra={"host": settings.host, "http_port": http_port})
+    grpc_server = GrpcServer(state, settings)
+    try:
+        grpc_port = await grpc_server.start()  # health NOT_SERVING until the model is ready
+    except GrpcBindError as exc:
+        log.error("cannot start: %s", exc)
+        http_server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(http_task, timeout=10)
+        return 2
+    log.info("grpc listening", extra={"host": settings.host, "grpc_port": grpc_port})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    registrar = NacosRegistrar(settings, on_config=dynamic.apply_nacos)  # off without --nacos-server
+    await registrar.start()  # never blocks: Nacos being down only delays registration and remote policy
+    await dynamic.start()
 
     exit_code = 0
     load_task = _in_daemon_thread(lambda: load_model(
@@ -106,12 +136,19 @@ async def serve(settings: Settings) -> int:
             log.error("cannot start: %s", exc)
             state.phase, exit_code = Phase.FAILED, 2
             stop.set()
+        except Exception:
+            log.exception("cannot start: the model failed to load")
+            state.phase, exit_code = Phase.FAILED, 1
+            stop.set()
         else:
             engine = Engine(loaded, engine_limits(settings), state.metrics)
             engine.start()
             state.engine = engine
+            dynamic.attach(engine)
             state.phase = Phase.READY
-            log.info("ready", extra={"model": state.model_name, "http_port": http_port})
+            await grpc_server.set_serving(True)
+            log.info("ready", extra={"model": state.model_name, "http_port": http_port, "grpc_port": grpc_port})
+            await registrar.register(http_port, grpc_port, state.model_name)
             await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
     if http_task.done() and http_task.exception():
         log.error("http server failed: %s", http_task.exception())
@@ -119,13 +156,16 @@ async def serve(settings: Settings) -> int:
 
     # Shutdown order: stop taking work (readiness 503), let running requests finish, then close.
     log.info("shutting down", extra={"in_flight": state.engine.in_flight if state.engine else 0})
+    await registrar.deregister()  # first, so discovery stops sending traffic here
     if state.phase is Phase.READY:
         state.phase = Phase.DRAINING
+    await grpc_server.set_serving(False)
     if state.engine is not None:
         drained = await state.engine.drain(settings.drain_timeout_s)
         if not drained:
             log.warning("drain timeout: ending the remaining requests", extra={"in_flight": state.engine.in_flight})
         await asyncio.to_thread(state.engine.shutdown)
+    await grpc_server.stop(grace=5)
     http_server.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(http_task, timeout=10)
@@ -133,6 +173,8 @@ async def serve(settings: Settings) -> int:
     if not load_task.done():
         load_task.cancel()
         log.info("model load interrupted")  # the loader thread is a daemon and dies with the process
+    await registrar.close()
+    await dynamic.close()
     log.info("stopped", extra={"exit_code": exit_code})
     return exit_code
 

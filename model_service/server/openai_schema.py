@@ -32,6 +32,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: StrictBool | None = None  # vLLM's extension, for benchmarks
     n: StrictInt | None = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -65,6 +66,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from model_service.config import Settings
-from model_service.llm.engine import Engine, EngineNotReady
+from model_service.llm.chat import encode_chat, encode_completion, normalize_messages
+from model_service.llm.engine import Engine, EngineNotReady, RequestStream
 from model_service.llm.metrics import EngineMetrics
+from model_service.llm.requests import GenerationOptions, UnknownModel, to_sampling_params
+
+from .dynamic_config import ActivePolicy
 
 
 class Phase(enum.Enum):
@@ -26,6 +30,8 @@ class ServiceState:
     phase: Phase = Phase.LOADING
     engine: Engine | None = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # operator policy (persona, blocked content, defaults); replaced whole by DynamicConfig on change
+    policy: ActivePolicy = field(default_factory=ActivePolicy)
     metrics: EngineMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -42,3 +48,51 @@ class ServiceState:
         if not self.ready:
             raise EngineNotReady(f"the model service is {self.phase.value}; not accepting requests")
         return self.engine
+
+    # ------------------------------------------------------------------ the one request path
+    # HTTP and gRPC both come through here, so model checks, prompt building, limits and
+    # operator policy are applied identically whichever protocol a request used.
+    def check_model(self, requested: str | None) -> None:
+        if requested and requested != self.model_name:
+            raise UnknownModel(requested, self.model_name)
+
+    def start_chat(self, messages: list[dict], options: GenerationOptions) -> RequestStream:
+        engine = self.ready_engine()
+        policy = self.policy  # one snapshot for the whole request, whatever reloads meanwhile
+        messages = normalize_messages(messages)
+        policy.check_input([(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)])
+        prompt_ids = encode_chat(engine.model_info.tokenizer, policy.apply_persona(messages))
+        return self._submit(engine, prompt_ids, options, policy)
+
+    def start_completion(self, prompt: str | list[int], options: GenerationOptions) -> RequestStream:
+        engine = self.ready_engine()
+        policy = self.policy
+        info = engine.model_info
+        prompt_ids = encode_completion(info.tokenizer, prompt, info.model.config.get_text_config().vocab_size)
+        if policy.blocker is not None:
+            policy.check_input([("prompt", prompt if isinstance(prompt, str) else info.tokenizer.decode(prompt_ids))])
+        return self._submit(engine, prompt_ids, options, policy)
+
+    def count_prompt_tokens(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None) -> int:
+        """The prompt tokens start_chat(messages) / start_completion(prompt) would use (persona included).
+
+        Needs the model loaded, not the service ready: counting works while draining too.
+        """
+        if self.engine is None:
+            raise EngineNotReady(f"the model service is {self.phase.value}; the model is not loaded yet")
+        info = self.engine.model_info
+        if messages is not None:
+            return len(encode_chat(info.tokenizer, self.policy.apply_persona(normalize_messages(messages))))
+        return len(encode_completion(info.tokenizer, prompt or "", info.model.config.get_text_config().vocab_size))
+
+    def _submit(self, engine: Engine, prompt_ids: list[int], options: GenerationOptions,
+                policy: ActivePolicy) -> RequestStream:
+        params = to_sampling_params(
+            options,
+            prompt_tokens=len(prompt_ids),
+            context_length=engine.model_info.context_length,
+            default_max_tokens=policy.default_max_tokens(self.settings.default_max_tokens),
+            defaults=policy.sampling_defaults(),
+        )
+        return policy.filter_output(engine.submit(prompt_ids, params))
+
