@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         128, ge=0, description="Requests queued beyond the running batch; past this, 429 / RESOURCE_EXHAUSTED."
     )
     max_prefill_tokens: int = Field(
-        2048, ge=16, description="Prompt tokens prefilled per engine step, so long prompts do not stall decoding."
+        512, ge=16, description="Prompt tokens prefilled per engine step between decode steps: bounds the stall "
+        "of running streams and spreads first tokens over arrivals (one longer prompt is still taken alone)."
     )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."

@@ -206,3 +206,35 @@ async def test_stop_string_split_across_tokens_is_never_emitted(engine, smollm):
     deltas = [o.text async for o in stream]
     assert "".join(deltas) == "The capital of Fr"
     assert not any("ance" in d for d in deltas)
+
+
+async def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(smollm):
+    """A prompt over max_prefill_tokens is prefilled a chunk per step; output is unchanged."""
+    story = " ".join(["The quick brown fox jumps over the lazy dog."] * 12) + " What animal jumps?"
+    ids = chat_ids(smollm.tokenizer, story)
+    assert len(ids) > 100
+    short = chat_ids(smollm.tokenizer, "Say hello.")
+    budget = len(short) + 1  # the short prompt fits in one step; the long one takes several
+    whole = Engine(smollm, EngineLimits(max_prefill_tokens=4096))
+    chunked = Engine(smollm, EngineLimits(max_prefill_tokens=budget))
+    whole.start()
+    chunked.start()
+    try:
+        expected = await run(whole, ids, max_tokens=12, temperature=0)
+        steps: list[int] = []
+        original = chunked._prefill_chunk
+
+        def spy(events):
+            steps.append(chunked._chunked.done)
+            original(events)
+
+        chunked._prefill_chunk = spy
+        # a short request runs alongside: it keeps decoding while the long prompt is prefilled
+        got, other = await asyncio.gather(run(chunked, ids, max_tokens=12, temperature=0),
+                                          run(chunked, short, max_tokens=12, temperature=0))
+        assert got[1] == expected[1]
+        assert steps == list(range(0, len(ids), budget))
+        assert other[2].completion_tokens >= 1
+    finally:
+        whole.shutdown()
+        chunked.shutdown()

@@ -56,7 +56,7 @@ class EngineFailure(EngineError):
 class EngineLimits:
     max_running_requests: int = 32
     max_waiting_requests: int = 128
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 512
     request_timeout_s: float = 600.0
 
 
@@ -89,6 +89,13 @@ class _Sequence:
     done: bool = False
 
 
+@dataclass(eq=False)
+class _ChunkedPrefill:
+    seq: _Sequence
+    kv: PaddedKVBatch
+    done: int = 0  # prompt tokens prefilled so far
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, limits: EngineLimits, metrics: EngineMetrics | None = None):
         self.model_info = loaded
@@ -114,6 +121,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._batch = PaddedKVBatch(self._num_layers)
+        self._chunked: _ChunkedPrefill | None = None  # a long prompt being prefilled chunk by chunk
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -195,14 +203,15 @@ class Engine:
                 self._collect_new()
                 events: list[tuple[_Sequence, object]] = []
                 self._reap(events)
-                if self._waiting or self._running:
+                busy = bool(self._waiting or self._running or self._chunked)
+                if busy:
                     try:
                         self._step(events)
                     except Exception as exc:  # a failed forward must not kill the engine
                         log.exception("engine step failed; failing the affected requests")
                         self._fail_all(events, EngineFailure(f"inference failed: {type(exc).__name__}"))
                 self._deliver(events)
-                if not self._waiting and not self._running and not events:
+                if not busy and not events:
                     self._wakeup.wait(timeout=0.5)
             events = []
             self._fail_all(events, EngineNotReady("the model service shut down before this request finished"))
@@ -224,6 +233,11 @@ class Engine:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled" if seq.cancelled else "timeout", events,
                          None if seq.cancelled else RequestTimedOut("the request timed out in the queue"))
+        job = self._chunked
+        if job is not None and (job.seq.cancelled or now > job.seq.deadline):
+            self._chunked = None
+            self._finish(job.seq, "cancelled" if job.seq.cancelled else "timeout", events,
+                         None if job.seq.cancelled else RequestTimedOut("the request timed out in its prefill"))
         gone = [i for i, s in enumerate(self._running) if s.cancelled or now > s.deadline]
         if gone:
             for i in gone:
@@ -240,9 +254,16 @@ class Engine:
         self.metrics.num_requests_running.set(len(self._running))
 
     def _step(self, events: list) -> None:
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted, events)
+        if self._chunked is None:
+            admitted = self._admit()
+            if len(admitted) == 1 and len(admitted[0].prompt_ids) > self.limits.max_prefill_tokens:
+                # a prompt over the budget is prefilled a chunk per step, between decode steps
+                self._record_admission(admitted)
+                self._chunked = _ChunkedPrefill(admitted[0], PaddedKVBatch(self._num_layers, batch_size=1))
+            elif admitted:
+                self._prefill(admitted, events)
+        if self._chunked is not None:
+            self._prefill_chunk(events)
         if self._running:
             self._decode(events)
 
@@ -270,11 +291,15 @@ class Engine:
         )
         return out.logits[:, -1, :]
 
-    def _prefill(self, group: list[_Sequence], events: list) -> None:
+    def _record_admission(self, group: list[_Sequence]) -> None:
         now = time.monotonic()
         for seq in group:
             self.metrics.request_queue_time.observe(now - seq.arrival)
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+
+    def _prefill(self, group: list[_Sequence], events: list) -> None:
+        """Prefill a group of prompts (left-padded to one width) in one forward pass."""
+        self._record_admission(group)
         width = max(len(s.prompt_ids) for s in group)
         input_ids = torch.full((len(group), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -286,6 +311,24 @@ class Engine:
         fresh = PaddedKVBatch(self._num_layers)
         fresh.mask = mask
         logits = self._forward(input_ids, mask, positions, fresh.cache)
+        self._start_decoding(group, fresh, logits, events)
+
+    def _prefill_chunk(self, events: list) -> None:
+        """Prefill the next chunk of the long prompt in progress; on its last chunk, join the batch."""
+        job = self._chunked
+        prompt = job.seq.prompt_ids
+        start, end = job.done, min(job.done + self.limits.max_prefill_tokens, len(prompt))
+        input_ids = torch.tensor([prompt[start:end]], dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long).unsqueeze(0)
+        logits = self._forward(input_ids, job.kv.mask_for_step(end - start), positions, job.kv.cache)
+        job.done = end
+        if end == len(prompt):
+            self._chunked = None
+            self._start_decoding([job.seq], job.kv, logits, events)
+
+    def _start_decoding(self, group: list[_Sequence], fresh: PaddedKVBatch, logits: torch.Tensor,
+                        events: list) -> None:
+        """Sample the first token of freshly prefilled sequences and merge them into the running batch."""
         tokens = sample_next_tokens(logits, [s.sampler for s in group])
         keep = [i for i, (seq, tok) in enumerate(zip(group, tokens)) if not self._on_token(seq, tok, events)]
         if len(keep) < len(group):
@@ -347,7 +390,9 @@ class Engine:
             events.append((seq, error))
 
     def _fail_all(self, events: list, error: Exception) -> None:
-        for seq in list(self._waiting) + self._running:
+        chunked = [self._chunked.seq] if self._chunked is not None else []
+        self._chunked = None
+        for seq in list(self._waiting) + self._running + chunked:
             if not seq.done:
                 self._finish(seq, "error", events, error)
         self._waiting.clear()

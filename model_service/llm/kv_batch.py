@@ -92,10 +92,10 @@ class PaddedLayer(DynamicLayer):
 class PaddedKVBatch:
     """A batch's cache (passed to the model as ``past_key_values``) and its padding mask."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, batch_size: int = 0) -> None:
         self.layers = [PaddedLayer() for _ in range(num_layers)]
         self.cache = Cache(layers=self.layers)
-        self.mask = torch.zeros((0, 0), dtype=torch.long)  # [batch, length]: 1 real token, 0 padding
+        self.mask = torch.zeros((batch_size, 0), dtype=torch.long)  # [batch, length]: 1 real token, 0 padding
 
     @property
     def batch_size(self) -> int:
