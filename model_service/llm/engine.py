@@ -456,6 +456,21 @@ class RequestStream:
 _CANCELLED = object()
 
 
+async def collect(stream) -> tuple[str, GenerationOutput | None]:
+    """Run a request stream to its end: (all text, the final output), or (partial text, None) if cancelled.
+
+    Engine errors propagate; the request is cancelled whatever happens, so its slot never leaks.
+    """
+    parts, last = [], None
+    try:
+        async for out in stream:
+            parts.append(out.text)
+            last = out
+    finally:
+        stream.cancel()
+    return "".join(parts), last
+
+
 def _put_all(items: list) -> None:
     for outbox, item in items:
         outbox.put_nowait(item)

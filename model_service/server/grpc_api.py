@@ -38,6 +38,7 @@ from model_service.llm.engine import (
     GenerationOutput,
     RequestStream,
     RequestTimedOut,
+    collect,
 )
 from model_service.llm.requests import GenerationOptions, UnknownModel
 
@@ -165,18 +166,13 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return stream
 
     async def _collect(self, context, stream: RequestStream) -> tuple[str, GenerationOutput]:
-        parts, last = [], None
         try:
-            async for out in stream:
-                parts.append(out.text)
-                last = out
+            text, last = await collect(stream)
         except EngineError as exc:
             await _abort(context, exc)
-        finally:
-            stream.cancel()
         if last is None:
             await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
-        return "".join(parts), last
+        return text, last
 
     async def _deltas(self, context, stream: RequestStream, message_type, rid: str):
         """Text deltas, then one final message with the finish reason and usage."""

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service import __version__
 from model_service.llm.chat import PromptError
-from model_service.llm.engine import EngineError, RequestStream
+from model_service.llm.engine import EngineError, RequestStream, collect
 from model_service.llm.requests import UnknownModel
 
 from .errors import ApiError, from_exception, invalid
@@ -229,19 +229,15 @@ async def _collect(stream: RequestStream, request: Request):
         stream.cancel()
 
     watcher = asyncio.create_task(watch_disconnect())
-    parts, last = [], None
     try:
-        async for out in stream:
-            parts.append(out.text)
-            last = out
+        text, last = await collect(stream)
     except EngineError as exc:
         raise from_exception(exc) from None
     finally:
         watcher.cancel()
-        stream.cancel()
     if last is None:  # cancelled because the client left: nobody reads this
         raise ApiError(499, "client closed request", "invalid_request_error", None, "client_closed")
-    return "".join(parts), last
+    return text, last
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
