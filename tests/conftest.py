@@ -127,3 +127,111 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     from model_service.llm.chat import encode_chat
 
     return encode_chat(tokenizer, [{"role": "user", "content": question}])
+
+
+# ---------------------------------------------------------------------------------------- pods in Nacos, the gateway
+# Shared by tests/test_gateway_e2e.py and tests/test_faults.py (real r-nacos, real pods, the real gateway jar).
+GATEWAY_JAR = ROOT / "java-gateway" / "gateway" / "target" / "llm-gateway.jar"
+CLIENT_JAR = ROOT / "java-gateway" / "grpc-client" / "target" / "llm-grpc-client.jar"
+
+
+def sha256(value: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def need_jar(path: Path) -> Path:
+    """The jar (and java), or skip; fail under `make test` (MODEL_SERVICE_REQUIRE_GATEWAY=1), which builds it."""
+    import shutil
+
+    if path.is_file() and shutil.which("java"):
+        return path
+    message = f"{path} (or java) missing; run `make gateway`"
+    if os.environ.get("MODEL_SERVICE_REQUIRE_GATEWAY"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def start_pods(tmp_dir: Path, nacos, count: int, *args: str, env: dict | None = None,
+               listed_timeout: float = 30) -> list[ServerProcess]:
+    """``count`` model-service pods registered in ``nacos`` (an RNacos), started together; returns once all are
+    ready and Nacos lists every one of them. On failure the started pods are killed."""
+    from nacos_fixtures import wait_for
+
+    servers = [start_server(tmp_dir, "--nacos-server", nacos.address, *args, env=env, wait=False)
+               for _ in range(count)]
+    try:
+        for srv in servers:
+            srv.wait_ready()
+        ports = {srv.http_port for srv in servers}
+        wait_for(lambda: ports <= {h["port"] for h in nacos.instances()}, listed_timeout,
+                 message=f"pods {sorted(ports)} listed in Nacos")
+    except BaseException:
+        for srv in servers:
+            srv.stop(signal.SIGKILL)
+        raise
+    return servers
+
+
+class Gateway:
+    """The gateway jar as a subprocess (stopped by its pid)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_gateway(tmp_dir: Path, nacos_address: str, internal_key: str, keys: dict[str, tuple[str, int, int]],
+                  *extra_args: str, timeout: float = 120) -> Gateway:
+    """The gateway on a free port, finding pods in Nacos at ``nacos_address``. ``keys``: caller name ->
+    (plain key, requests/min, tokens/min); the gateway gets only their SHA-256. Returns once it routes
+    ``GET /v1/models`` (with the first key) to a pod."""
+    need_jar(GATEWAY_JAR)
+    port = free_port()
+    log_path = tmp_dir / f"gateway-{port}.log"
+    args = [
+        "java", "-Xmx384m", "-XX:TieredStopAtLevel=1", "-jar", str(GATEWAY_JAR),
+        f"--server.port={port}",
+        f"--spring.cloud.nacos.discovery.server-addr={nacos_address}",
+        f"--llm-gateway.internal-api-key={internal_key}",
+    ]
+    for i, (name, (key, rpm, tpm)) in enumerate(keys.items()):
+        args += [f"--llm-gateway.api-keys[{i}].name={name}", f"--llm-gateway.api-keys[{i}].sha256={sha256(key)}",
+                 f"--llm-gateway.api-keys[{i}].requests-per-minute={rpm}",
+                 f"--llm-gateway.api-keys[{i}].tokens-per-minute={tpm}"]
+    args += list(extra_args)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GATEWAY_LOG_FORMAT": "logstash"})
+    gw = Gateway(proc, port, log_path)
+    first_key = next(iter(keys.values()))[0]
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log()[-4000:]}")
+            try:
+                r = httpx.get(f"{gw.url}/v1/models", headers={"Authorization": f"Bearer {first_key}"}, timeout=5)
+                if r.status_code == 200:
+                    return gw
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not routing in {timeout}s:\n{gw.log()[-4000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        gw.stop()
+        raise

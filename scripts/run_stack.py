@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""`make run`: the whole stack on this machine, no Docker: r-nacos, N model services, the gateway.
+
+    r-nacos        127.0.0.1:8848 (HTTP) / 9848 (gRPC)        data in .run/rnacos (kept between runs)
+    model-service  127.0.0.1:8000+i (HTTP) / 50051+i (gRPC)   registered in Nacos, internal API key on
+    gateway        127.0.0.1:8080                              finds the pods in Nacos; a development key
+
+Prints how to call it, then waits. Ctrl-C (SIGINT) or SIGTERM stops the parts in order: the gateway
+first (no new traffic), then the model services with SIGTERM (they deregister from Nacos and finish
+their running requests), then Nacos. A second Ctrl-C kills what is left at once. When any part fails
+to start or dies later, the others are stopped and the tail of its log is printed.
+
+Options: --replicas N (model services; `make run REPLICAS=2`), ports (--gateway-port, --nacos-port,
+--http-port, --grpc-port: the first replica's, +1 per replica), --run-dir; anything after `--` goes to
+every `python -m model_service serve` (e.g. `-- --model /models/glm-4-9b-chat-hf`). The development key
+is kept in .run/dev-api-key (or set DEV_API_KEY); the internal key between gateway and pods is new on
+every run. Logs: .run/logs/.
+
+Only the standard library: this runs with the project's virtualenv Python, but imports nothing from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RNACOS_VERSION = "0.8.8"
+DEFAULT_RNACOS = Path.home() / ".cache" / "model-service" / f"rnacos-{RNACOS_VERSION}" / "bin" / "rnacos"
+GATEWAY_JAR = ROOT / "java-gateway" / "gateway" / "target" / "llm-gateway.jar"
+NACOS_GRPC_OFFSET = 1000  # Nacos 2.x clients dial gRPC at HTTP port + 1000
+PR_SET_PDEATHSIG = 1
+
+
+class StartError(Exception):
+    """A part failed to start (the message says which and why)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during start-up."""
+
+
+# ---------------------------------------------------------------------------------------- signals
+class Signals:
+    """Counts SIGINT/SIGTERM/SIGHUP; waits poll it (no exception is raised from inside a handler)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            print(f"\n{signal.Signals(signum).name}: stopping the stack (again to kill at once)", flush=True)
+        elif self.count == 2:
+            print("\nkilling what is left", flush=True)
+
+    @property
+    def stop(self) -> bool:
+        return self.count > 0
+
+    @property
+    def force(self) -> bool:
+        return self.count > 1
+
+    def sleep(self, seconds: float) -> None:
+        if self.stop:
+            raise Interrupted
+        time.sleep(seconds)
+
+
+# ---------------------------------------------------------------------------------------- processes
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when this script dies, even by SIGKILL (Linux), so nothing is left behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Part:
+    """One child process, in its own session: a Ctrl-C on the terminal reaches only this script,
+    which then stops the children in the right order."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict | None = None,
+                 cwd: Path = ROOT, stop_timeout: float = 30):
+        """``env``: the child's whole environment (default: this process's)."""
+        self.name, self.cmd, self.log_path, self.env, self.cwd = name, cmd, log_path, env, cwd
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Part:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:  # one run per log
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env if self.env is not None else os.environ,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def check_alive(self) -> None:
+        code = self.exited()
+        if code is not None:
+            raise StartError(f"{self.name} exited with code {code} during start-up. "
+                             f"Last lines of {rel(self.log_path)}:\n{self.tail()}")
+
+
+def stop_parts(parts: list[Part], signals: Signals) -> None:
+    """SIGTERM all of ``parts`` together, wait for them (bounded), SIGKILL what is left."""
+    live = [p for p in parts if p.running]
+    if not live:
+        return
+    names = ", ".join(p.name for p in live)
+    print(f"stopping {names} ...", end="", flush=True)
+    started = time.monotonic()
+    for p in live:
+        with _suppress(ProcessLookupError):
+            p.proc.send_signal(signal.SIGKILL if signals.force else signal.SIGTERM)
+    deadline = started + max(p.stop_timeout for p in live)
+    while any(p.running for p in live) and time.monotonic() < deadline and not signals.force:
+        time.sleep(0.1)
+    killed = []
+    for p in live:
+        if p.running:
+            killed.append(p.name)
+            with _suppress(ProcessLookupError):
+                p.proc.kill()
+            p.proc.wait(10)
+    codes = ", ".join(f"{p.name}={p.proc.returncode}" + (" (SIGTERM)" if p.proc.returncode == 143 else "")
+                      for p in live)
+    note = f"; killed {', '.join(killed)}" if killed else ""
+    print(f" stopped in {time.monotonic() - started:.1f}s (exit codes {codes}{note})", flush=True)
+
+
+class _suppress:
+    def __init__(self, *exc):
+        self.exc = exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, self.exc)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def http(method: str, url: str, data: dict | None = None, headers: dict | None = None,
+         timeout: float = 5) -> tuple[int, str]:
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until(what: str, check, timeout: float, parts: list[Part], signals: Signals, interval: float = 0.3):
+    """Poll ``check`` until truthy; fail fast when one of ``parts`` exits or on Ctrl-C."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in parts:
+            p.check_alive()
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"  last lines of {rel(p.log_path)}:\n{p.tail(15)}" for p in parts)
+            raise StartError(f"{what}: not reached in {timeout:.0f}s\n{logs}")
+        signals.sleep(interval)
+
+
+def dev_api_key(run_dir: Path) -> str:
+    if os.environ.get("DEV_API_KEY"):
+        return os.environ["DEV_API_KEY"]
+    path = run_dir / "dev-api-key"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    key = "sk-dev-" + secrets.token_hex(16)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def find_rnacos() -> Path:
+    for candidate in (os.environ.get("RNACOS_BIN"), DEFAULT_RNACOS, shutil.which("rnacos")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise StartError(f"r-nacos not found (looked at $RNACOS_BIN, {DEFAULT_RNACOS}, PATH): run `make nacos`")
+
+
+# ---------------------------------------------------------------------------------------- the parts
+def start_nacos(args, run_dir: Path, logs: Path, signals: Signals) -> Part:
+    """r-nacos with its data in run_dir/rnacos. r-nacos 0.8.8 can lose a start-up race on a fresh data
+    folder (config writes then never apply): a fresh folder that fails the config round trip is wiped
+    and tried again (tests/nacos_fixtures.py does the same)."""
+    binary = find_rnacos()
+    data_dir = run_dir / "rnacos" / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RNACOS_")}
+    env.update({
+        "RNACOS_HTTP_PORT": str(args.nacos_port),
+        "RNACOS_GRPC_PORT": str(args.nacos_port + NACOS_GRPC_OFFSET),
+        "RNACOS_HTTP_CONSOLE_PORT": "0",  # no separate console
+        "RNACOS_SDK_HOST": "127.0.0.1",
+        "RNACOS_DATA_DIR": str(data_dir),
+        "RNACOS_HTTP_WORKERS": "2",
+        "RUST_LOG": "warn",
+    })
+    url = f"http://127.0.0.1:{args.nacos_port}/nacos/v1/cs/configs"
+
+    def config_round_trip() -> bool:
+        probe = secrets.token_hex(4)
+        status, text = http("POST", url, {"dataId": "run-stack-probe", "group": "DEFAULT_GROUP", "content": probe})
+        if status != 200 or text.strip() != "true":
+            return False
+        status, text = http("GET", url + "?" + urllib.parse.urlencode(
+            {"dataId": "run-stack-probe", "group": "DEFAULT_GROUP"}))
+        return status == 200 and text == probe
+
+    for attempt in range(5):
+        fresh = not data_dir.exists()
+        # cwd = its own folder: r-nacos reads a .env file from its working directory
+        (run_dir / "rnacos").mkdir(parents=True, exist_ok=True)
+        part = Part("nacos", [str(binary)], logs / "rnacos.log", env=env, cwd=run_dir / "rnacos", stop_timeout=10)
+        part.start()
+        try:
+            wait_until("Nacos accepting config writes", config_round_trip, 5 if fresh else 20, [part], signals)
+            return part
+        except Interrupted:
+            stop_parts([part], signals)
+            raise
+        except StartError:
+            stop_parts([part], signals)
+            if not fresh:
+                raise StartError(f"r-nacos does not work on its data in {rel(data_dir)}; "
+                                 f"remove {rel(run_dir / 'rnacos')} to start afresh. Last lines of "
+                                 f"{rel(part.log_path)}:\n{part.tail()}") from None
+            shutil.rmtree(data_dir, ignore_errors=True)
+            print(f"  (r-nacos lost its start-up race on a fresh data folder; attempt {attempt + 2})", flush=True)
+    raise StartError(f"r-nacos did not initialise in 5 attempts; see {rel(logs / 'rnacos.log')}")
+
+
+def model_service_part(i: int, args, internal_key: str, logs: Path) -> Part:
+    http_port, grpc_port = args.http_port + i, args.grpc_port + i
+    env = {**os.environ, "MODEL_SERVICE_API_KEY": internal_key, "PYTHONUNBUFFERED": "1"}
+    if "MODEL_SERVICE_THREADS" not in os.environ:  # share the cores between the replicas
+        env["MODEL_SERVICE_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.replicas))
+    cmd = [sys.executable, "-m", "model_service", "serve", "--host", "127.0.0.1",
+           "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--nacos-server", f"127.0.0.1:{args.nacos_port}", *args.serve_args]
+    # drain (30 s by default) + the gRPC grace (5 s) + margin
+    return Part(f"model-service-{i}", cmd, logs / f"model-service-{i}.log", env=env, stop_timeout=50)
+
+
+def start_gateway(args, internal_key: str, api_key: str, logs: Path) -> Part:
+    if not GATEWAY_JAR.is_file():
+        raise StartError(f"{rel(GATEWAY_JAR)} is missing: run `make gateway`")
+    if not shutil.which("java"):
+        raise StartError("java (17+) is not on PATH")
+    cmd = ["java", *args.java_opts.split(), "-jar", str(GATEWAY_JAR),
+           f"--server.port={args.gateway_port}",
+           f"--spring.cloud.nacos.discovery.server-addr=127.0.0.1:{args.nacos_port}",
+           "--llm-gateway.api-keys[0].name=dev",
+           f"--llm-gateway.api-keys[0].sha256={hashlib.sha256(api_key.encode()).hexdigest()}",
+           "--llm-gateway.api-keys[0].requests-per-minute=600",
+           "--llm-gateway.api-keys[0].tokens-per-minute=200000",
+           # the gateway does not register itself in Nacos: nothing to wait for after "deregistering" on stop
+           "--spring.cloud.nacos.discovery.graceful-shutdown-wait-time=0"]
+    # the internal key through the environment (application.yml reads MODEL_SERVICE_API_KEY), not argv
+    env = {**os.environ, "MODEL_SERVICE_API_KEY": internal_key}
+    return Part("gateway", cmd, logs / "gateway.log", env=env, stop_timeout=35)
+
+
+def models_ready(port: int) -> bool:
+    return http("GET", f"http://127.0.0.1:{port}/health/ready")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    serve_args: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, serve_args = argv[:at], argv[at + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Arguments after -- go to every `python -m model_service serve`.")
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS") or 1))
+    p.add_argument("--gateway-port", type=int, default=8080)
+    p.add_argument("--nacos-port", type=int, default=8848, help="HTTP; its gRPC port is this + 1000")
+    p.add_argument("--http-port", type=int, default=8000, help="first model service; +1 per replica")
+    p.add_argument("--grpc-port", type=int, default=50051, help="first model service; +1 per replica")
+    p.add_argument("--run-dir", type=Path, default=ROOT / ".run")
+    p.add_argument("--java-opts", default=os.environ.get("GATEWAY_JAVA_OPTS", "-Xmx512m"))
+    p.add_argument("--ready-timeout", type=float, default=600,
+                   help="seconds a model service may take to load (the first start converts the model)")
+    args = p.parse_args(argv)
+    if not 1 <= args.replicas <= 16:
+        p.error("--replicas must be between 1 and 16")
+    args.serve_args = serve_args
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    signals = Signals()
+    run_dir = args.run_dir.resolve()
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    ports = {"gateway": args.gateway_port, "Nacos HTTP": args.nacos_port,
+             "Nacos gRPC": args.nacos_port + NACOS_GRPC_OFFSET}
+    for i in range(args.replicas):
+        ports[f"model-service-{i} HTTP"] = args.http_port + i
+        ports[f"model-service-{i} gRPC"] = args.grpc_port + i
+    busy = [f"{name} :{port}" for name, port in ports.items() if not port_free(port)]
+    if busy:
+        print("cannot start: ports in use: " + ", ".join(busy)
+              + "\n(is another `make run` still running? or pick other ports, see scripts/run_stack.py --help)",
+              file=sys.stderr)
+        return 1
+
+    api_key = dev_api_key(run_dir)
+    internal_key = "internal-" + secrets.token_hex(16)
+    nacos: Part | None = None
+    pods: list[Part] = []
+    gateway: Part | None = None
+    code = 0
+    try:
+        t0 = time.monotonic()
+        print(f"starting r-nacos on 127.0.0.1:{args.nacos_port} (gRPC {args.nacos_port + NACOS_GRPC_OFFSET}), "
+              f"data in {rel(run_dir / 'rnacos')} ...", flush=True)
+        nacos = start_nacos(args, run_dir, logs, signals)
+
+        # The first replica alone (its first start may convert the model into the shared cache), then the rest.
+        for group in ([0], list(range(1, args.replicas))):
+            batch = []
+            for i in group:
+                part = model_service_part(i, args, internal_key, logs)
+                print(f"starting {part.name}: HTTP 127.0.0.1:{args.http_port + i}, gRPC 127.0.0.1:{args.grpc_port + i}"
+                      f" (log {rel(part.log_path)}) ...", flush=True)
+                pods.append(part.start())
+                batch.append((i, part))
+            for i, part in batch:
+                wait_until(f"{part.name} ready (/health/ready)", lambda i=i: models_ready(args.http_port + i),
+                           args.ready_timeout, [nacos, part], signals, interval=0.5)
+
+        def listed() -> bool:
+            status, text = http("GET", f"http://127.0.0.1:{args.nacos_port}/nacos/v1/ns/instance/list?"
+                                "serviceName=model-service&groupName=DEFAULT_GROUP")
+            return status == 200 and len(json.loads(text).get("hosts") or []) >= args.replicas
+
+        wait_until(f"{args.replicas} model service(s) registered in Nacos", listed, 60, [nacos, *pods], signals)
+
+        gateway = start_gateway(args, internal_key, api_key, logs)
+        print(f"starting the gateway on 127.0.0.1:{args.gateway_port} (log {rel(gateway.log_path)}) ...", flush=True)
+        gateway.start()
+        models_url = f"http://127.0.0.1:{args.gateway_port}/v1/models"
+        auth = {"Authorization": f"Bearer {api_key}"}
+        wait_until("the gateway routing to the model services", lambda: http("GET", models_url, headers=auth)[0] == 200,
+                   240, [nacos, *pods, gateway], signals, interval=0.5)
+        model = json.loads(http("GET", models_url, headers=auth)[1])["data"][0]["id"]
+        print_banner(args, api_key, model, run_dir, time.monotonic() - t0)
+
+        while True:  # watch
+            for part in [nacos, *pods, gateway]:
+                code_ = part.exited()
+                if code_ is not None:
+                    raise StartError(f"{part.name} exited unexpectedly with code {code_}. "
+                                     f"Last lines of {rel(part.log_path)}:\n{part.tail()}")
+            signals.sleep(0.5)
+    except Interrupted:
+        code = 0
+    except StartError as exc:
+        print(f"\nERROR: {exc}\nstopping the rest of the stack", file=sys.stderr, flush=True)
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - stop the children whatever happened
+        print(f"\nERROR: {type(exc).__name__}: {exc}\nstopping the rest of the stack", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        # gateway first (no new traffic), then the pods (deregister + drain), then Nacos
+        for group in ([gateway] if gateway else [], pods, [nacos] if nacos else []):
+            stop_parts(group, signals)
+    if code == 0:
+        print("stopped", flush=True)
+    return code
+
+
+def print_banner(args, api_key: str, model: str, run_dir: Path, seconds: float) -> None:
+    gw = f"http://127.0.0.1:{args.gateway_port}"
+    pods = "\n".join(f"  model service {i}   http://127.0.0.1:{args.http_port + i} · gRPC 127.0.0.1:{args.grpc_port + i}"
+                     " (internal key only; call through the gateway)" for i in range(args.replicas))
+    key_note = "from $DEV_API_KEY" if os.environ.get("DEV_API_KEY") else f"kept in {rel(run_dir / 'dev-api-key')}"
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 64, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    print(f"""
+The stack is up ({seconds:.0f}s). Ctrl-C stops it.
+
+  gateway           {gw}   (OpenAI API under /v1)
+  API key           {api_key}   ({key_note})
+  model             {model}
+{pods}
+  Nacos             127.0.0.1:{args.nacos_port} (gRPC {args.nacos_port + NACOS_GRPC_OFFSET}); instances:
+                    curl 'http://127.0.0.1:{args.nacos_port}/nacos/v1/ns/instance/list?serviceName=model-service'
+  logs              {rel(run_dir / 'logs')}/
+
+Stream an answer through the gateway:
+
+  curl -N {gw}/v1/chat/completions -H 'Authorization: Bearer {api_key}' \\
+    -H 'Content-Type: application/json' -d '{body}'
+
+OpenAI SDK: OpenAI(base_url="{gw}/v1", api_key="{api_key}")
+""", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
