@@ -68,6 +68,35 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class AccessLog:
+    """One structured line per request: method, path, status, latency; never bodies (pure ASGI).
+
+    Not BaseHTTPMiddleware: that wraps ``receive`` so the endpoint never sees the client's
+    disconnect, and a non-streaming request whose client left would keep generating.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/health"):
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            access_log.info("request", extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "ms": round((time.perf_counter() - started) * 1000, 1)})
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
     err = exc.errors()[0]
     loc = [str(part) for part in err.get("loc", ()) if part != "body"]
@@ -87,15 +116,7 @@ def create_app(state: ServiceState) -> FastAPI:
     app = FastAPI(title="model-service", version=__version__, docs_url="/docs", redoc_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
-    @app.middleware("http")
-    async def access_logging(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        if not request.url.path.startswith("/health"):
-            access_log.info("request", extra={
-                "method": request.method, "path": request.url.path, "status": response.status_code,
-                "ms": round((time.perf_counter() - started) * 1000, 1)})
-        return response
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
