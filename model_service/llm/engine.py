@@ -87,6 +87,7 @@ class _Sequence:
     last_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    slot_released: bool = False  # its admission slot was given back (at cancel or finish, once)
 
 
 @dataclass(eq=False)
@@ -384,10 +385,15 @@ class Engine:
         seq.done = True
         self.metrics.finished(reason)
         self.metrics.e2e_request_latency.observe(time.monotonic() - seq.arrival)
-        with self._lock:
-            self._admitted -= 1
+        self._release_slot(seq)
         if error is not None:
             events.append((seq, error))
+
+    def _release_slot(self, seq: _Sequence) -> None:
+        with self._lock:
+            if not seq.slot_released:
+                seq.slot_released = True
+                self._admitted -= 1
 
     def _fail_all(self, events: list, error: Exception) -> None:
         chunked = [self._chunked.seq] if self._chunked is not None else []
@@ -450,6 +456,9 @@ class RequestStream:
         self._seq.outbox.put_nowait(_CANCELLED)  # wakes a consumer waiting in __anext__
         if not self._seq.done:
             self._seq.cancelled = True
+            # The admission slot is free now: the next request may be accepted at once. The batch row
+            # itself is dropped before the next decode step.
+            self._engine._release_slot(self._seq)
             self._engine._wakeup.set()
 
 
