@@ -86,8 +86,10 @@ run: install nacos gateway
 test: install nacos gateway java-test
 	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 $(PY) -m pytest
 
+# Engine benchmark in float32 and bfloat16 (each: service vs naive wrapper vs batched generate, one run).
 bench: install
-	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_engine.py --dtype float32
+	$(PY) bench/bench_engine.py --dtype bfloat16
 
 # docs/configuration.md, generated from model_service/config.py (tests/test_config_docs.py fails when stale).
 docs: install

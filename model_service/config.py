@@ -60,8 +60,12 @@ class Settings(BaseSettings):
         128, ge=0, description="Requests queued beyond the running batch; past this, 429 / RESOURCE_EXHAUSTED."
     )
     max_prefill_tokens: int = Field(
-        512, ge=16, description="Prompt tokens prefilled per engine step between decode steps: bounds the stall "
-        "of running streams and spreads first tokens over arrivals (one longer prompt is still taken alone)."
+        256, ge=16, description="Prompt tokens prefilled per engine step: arrivals are admitted in groups of this "
+        "size, and a longer prompt is prefilled in chunks of it between decode steps."
+    )
+    max_decode_stall_s: float = Field(
+        1.0, ge=0, description="While a burst of requests is prefilled first, the longest running streams may "
+        "wait for their next token (0: always alternate prefill and decode)."
     )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."

@@ -56,8 +56,9 @@ class EngineFailure(EngineError):
 class EngineLimits:
     max_running_requests: int = 32
     max_waiting_requests: int = 128
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int = 256
     request_timeout_s: float = 600.0
+    max_decode_stall_s: float = 1.0
 
 
 @dataclass
@@ -263,10 +264,26 @@ class Engine:
                 self._chunked = _ChunkedPrefill(admitted[0], PaddedKVBatch(self._num_layers, batch_size=1))
             elif admitted:
                 self._prefill(admitted, events)
+                if self._prefill_first():
+                    return
         if self._chunked is not None:
             self._prefill_chunk(events)
         if self._running:
             self._decode(events)
+
+    def _prefill_first(self) -> bool:
+        """After a prefill, go straight to the next one while requests wait and fit in the batch.
+
+        A burst of arrivals then gets its first tokens as early as compute allows (the median waits for
+        about half the burst's prefill, not all of it plus interleaved decode steps), as vLLM schedules.
+        Running streams pause meanwhile, but never longer than max_decode_stall_s since their last token.
+        """
+        if not self._waiting or len(self._running) >= self.limits.max_running_requests:
+            return False
+        if not self._running:
+            return True
+        oldest_token = min(s.last_token_at for s in self._running)
+        return time.monotonic() - oldest_token < self.limits.max_decode_stall_s
 
     def _admit(self) -> list[_Sequence]:
         room = self.limits.max_running_requests - len(self._running)
