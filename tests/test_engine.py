@@ -165,7 +165,7 @@ def test_client_disconnect_frees_the_slot_over_http(server, client):
     generated_before = metric(client.get("/metrics").text, "model_service_generation_tokens_total")
     with client.stream("POST", "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000,
-            "stream": True}) as r:
+            "ignore_eos": True, "stream": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
@@ -180,7 +180,8 @@ def test_client_disconnect_frees_the_slot_over_http(server, client):
     # the non-streaming path too: a client that times out
     with pytest.raises(httpx.ReadTimeout):
         client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000},
+            "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000,
+            "ignore_eos": True},
             timeout=1.5)
     deadline = time.monotonic() + 5
     while running() != 0 and time.monotonic() < deadline:
