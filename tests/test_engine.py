@@ -166,7 +166,8 @@ def test_client_disconnect_frees_the_slot_over_http(server, client):
     with client.stream("POST", "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000,
             "ignore_eos": True, "stream": True}) as r:
-        for i, _ in enumerate(r.iter_lines()):
+        lines = r.iter_lines()  # held: a dropped iterator closes the connection at once
+        for i, _ in enumerate(lines):
             if i > 6:
                 break
         assert running() == 1
