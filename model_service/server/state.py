@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from model_service.config import Settings
 from model_service.llm.chat import encode_chat, encode_completion, normalize_messages
 from model_service.llm.engine import Engine, EngineNotReady, RequestStream
+from model_service.llm.loader import LoadedModel
 from model_service.llm.metrics import EngineMetrics
 from model_service.llm.requests import GenerationOptions, UnknownModel, to_sampling_params
 
@@ -61,14 +62,14 @@ class ServiceState:
         policy = self.policy  # one snapshot for the whole request, whatever reloads meanwhile
         messages = normalize_messages(messages)
         policy.check_input([(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)])
-        prompt_ids = encode_chat(engine.model_info.tokenizer, policy.apply_persona(messages))
+        prompt_ids = _chat_ids(engine.model_info, policy, messages)
         return self._submit(engine, prompt_ids, options, policy)
 
     def start_completion(self, prompt: str | list[int], options: GenerationOptions) -> RequestStream:
         engine = self.ready_engine()
         policy = self.policy
         info = engine.model_info
-        prompt_ids = encode_completion(info.tokenizer, prompt, info.model.config.get_text_config().vocab_size)
+        prompt_ids = _completion_ids(info, prompt)
         if policy.blocker is not None:
             policy.check_input([("prompt", prompt if isinstance(prompt, str) else info.tokenizer.decode(prompt_ids))])
         return self._submit(engine, prompt_ids, options, policy)
@@ -82,8 +83,8 @@ class ServiceState:
             raise EngineNotReady(f"the model service is {self.phase.value}; the model is not loaded yet")
         info = self.engine.model_info
         if messages is not None:
-            return len(encode_chat(info.tokenizer, self.policy.apply_persona(normalize_messages(messages))))
-        return len(encode_completion(info.tokenizer, prompt or "", info.model.config.get_text_config().vocab_size))
+            return len(_chat_ids(info, self.policy, normalize_messages(messages)))
+        return len(_completion_ids(info, prompt or ""))
 
     def _submit(self, engine: Engine, prompt_ids: list[int], options: GenerationOptions,
                 policy: ActivePolicy) -> RequestStream:
@@ -96,3 +97,11 @@ class ServiceState:
         )
         return policy.filter_output(engine.submit(prompt_ids, params))
 
+
+# How a request's prompt becomes token ids: one place, so CountTokens counts what generation will use.
+def _chat_ids(info: LoadedModel, policy: ActivePolicy, messages: list[dict]) -> list[int]:
+    return encode_chat(info.tokenizer, policy.apply_persona(messages))
+
+
+def _completion_ids(info: LoadedModel, prompt: str | list[int]) -> list[int]:
+    return encode_completion(info.tokenizer, prompt, info.model.config.get_text_config().vocab_size)
