@@ -42,8 +42,11 @@ class SamplerState:
     prompt_ids: list[int]
     generator: torch.Generator | None = None
     output_counts: dict[int, int] = field(default_factory=dict)  # token id -> times generated
+    prompt_token_set: frozenset[int] = frozenset()  # for repetition_penalty, built once per request
 
     def __post_init__(self) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.prompt_token_set = frozenset(self.prompt_ids)
         if not self.params.greedy:
             self.generator = torch.Generator()
             if self.params.seed is not None:
@@ -60,7 +63,7 @@ def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
     p = state.params
     if p.repetition_penalty != 1.0:
         # HF/vLLM semantics: over prompt and output tokens, shrink positive logits, grow negative ones.
-        seen = torch.tensor(sorted(set(state.prompt_ids) | state.output_counts.keys()), dtype=torch.long)
+        seen = torch.tensor(sorted(state.prompt_token_set | state.output_counts.keys()), dtype=torch.long)
         values = row[seen]
         row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     if state.output_counts and (p.presence_penalty or p.frequency_penalty):
