@@ -20,9 +20,13 @@ import org.springframework.core.io.buffer.DataBufferUtils;
  *   is complete; the chunk that carries {@code usage} gives the counts. When the gateway itself asked upstream for
  *   usage ({@code stripUsageEvent}), that usage-only event (empty {@code choices}) is removed, so the client gets
  *   exactly what it asked for. Only an incomplete trailing event is ever held, never the stream.</li>
- *   <li>A JSON answer (not streamed): the bytes pass through unchanged and a copy (at most {@link #MAX_JSON_COPY})
- *   is parsed at the end.</li>
+ *   <li>A JSON answer (not streamed): held until it is complete (at most {@link #MAX_JSON_COPY}; a larger one
+ *   passes through unparsed), parsed, then sent unchanged. The model writes such an answer in one piece at the end
+ *   anyway, and holding it lets the caller's budget be debited before the client has the answer: otherwise a
+ *   client's next request can overtake the debit of the previous one.</li>
  * </ul>
+ * {@link #usageReported()} turns true as soon as the upstream's own counts are seen, so the filter can debit them
+ * before the rest of the answer (for a stream, the final {@code [DONE]}) reaches the client.
  * One instance per response; not thread-safe (a body is a sequential stream).
  */
 public class UsageTap {
@@ -45,7 +49,12 @@ public class UsageTap {
     public UsageTap(boolean sse, boolean stripUsageEvent) {
         this.sse = sse;
         this.stripUsageEvent = stripUsageEvent;
-        this.passthrough = !stripUsageEvent;
+        this.passthrough = sse && !stripUsageEvent;
+    }
+
+    /** Whether the upstream's own usage has been seen (then {@link #usage()} is final). */
+    public boolean usageReported() {
+        return usage != null;
     }
 
     /** Whether any byte has gone through yet. */
@@ -60,10 +69,19 @@ public class UsageTap {
     public List<DataBuffer> onBuffer(DataBuffer buffer, DataBufferFactory factory) {
         firstByteSeen = true;
         if (!sse) {
-            if (pending.size() < MAX_JSON_COPY) {
-                pending.writeBytes(bytesOf(buffer));
+            if (passthrough) {
+                return List.of(buffer);
             }
-            return List.of(buffer);
+            pending.writeBytes(bytesOf(buffer));
+            DataBufferUtils.release(buffer);
+            if (pending.size() > MAX_JSON_COPY) {
+                // Too large to be an LLM answer we should hold: let it all through, uncounted.
+                passthrough = true;
+                byte[] held = pending.toByteArray();
+                pending.reset();
+                return List.of(factory.wrap(held));
+            }
+            return List.of();
         }
         byte[] bytes = bytesOf(buffer);
         if (passthrough) {
@@ -85,9 +103,13 @@ public class UsageTap {
     /** At the end of the body: whatever is still held goes out. */
     public List<DataBuffer> onComplete(DataBufferFactory factory) {
         if (!sse) {
-            parseJsonUsage(pending.toByteArray());
+            byte[] body = pending.toByteArray();
             pending.reset();
-            return List.of();
+            if (body.length == 0) {
+                return List.of();
+            }
+            parseJsonUsage(body);
+            return List.of(factory.wrap(body));
         }
         byte[] rest = pending.toByteArray();
         pending.reset();

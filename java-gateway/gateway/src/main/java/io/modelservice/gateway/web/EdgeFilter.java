@@ -1,6 +1,7 @@
 package io.modelservice.gateway.web;
 
 import java.nio.charset.StandardCharsets;
+import java.util.List;
 import java.util.concurrent.TimeoutException;
 import java.util.concurrent.atomic.AtomicBoolean;
 
@@ -263,10 +264,21 @@ public class EdgeFilter implements WebFilter, Ordered {
                                         "stream_idle_timeout").body(), StandardCharsets.UTF_8)
                                         + "\n\n").getBytes(StandardCharsets.UTF_8))));
             }
+            // Debit as soon as the real usage is known, before the bytes that follow it (a stream's [DONE], a held
+            // JSON answer) go out: a client that sends its next request the moment this answer ends must already
+            // see its budget spent. doFinally covers answers cut short or without usage (an estimate).
             return source
-                    .concatMapIterable(buffer -> tap.onBuffer(buffer, delegate.bufferFactory()))
-                    .concatWith(Flux.defer(() -> Flux.fromIterable(tap.onComplete(delegate.bufferFactory()))))
+                    .concatMapIterable(buffer -> debitIfReported(tap, tap.onBuffer(buffer, delegate.bufferFactory())))
+                    .concatWith(Flux.defer(() -> Flux.fromIterable(
+                            debitIfReported(tap, tap.onComplete(delegate.bufferFactory())))))
                     .doFinally(signal -> debit(tap.usage()));
+        }
+
+        private List<DataBuffer> debitIfReported(UsageTap tap, List<DataBuffer> out) {
+            if (tap.usageReported()) {
+                debit(tap.usage());
+            }
+            return out;
         }
 
         private void debit(Usage usage) {

@@ -85,4 +85,40 @@ class UsageTapTest {
         assertThat(String.join("", out)).isEqualTo(comment + error + "data: not json\n\n");
         assertThat(tap.usage().reported()).isFalse();
     }
+
+    @Test
+    void usageIsKnownBeforeTheEventsAfterItAreSent() {
+        // The filter debits the budget when usageReported() turns true, so it must turn true while [DONE] is unsent.
+        UsageTap tap = new UsageTap(true, true);
+        for (String chunk : List.of(CHUNK_1, FINAL, USAGE)) {
+            tap.onBuffer(factory.wrap(chunk.getBytes(StandardCharsets.UTF_8)), factory);
+        }
+        assertThat(tap.usageReported()).isTrue();
+        assertThat(tap.usage()).isEqualTo(new Usage(30, 2, 32, true));
+    }
+
+    @Test
+    void aJsonAnswerIsHeldUntilItsUsageIsKnown() {
+        UsageTap tap = new UsageTap(false, false);
+        String body = "{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}";
+        assertThat(tap.onBuffer(factory.wrap(body.substring(0, 10).getBytes(StandardCharsets.UTF_8)), factory)).isEmpty();
+        assertThat(tap.onBuffer(factory.wrap(body.substring(10).getBytes(StandardCharsets.UTF_8)), factory)).isEmpty();
+        assertThat(tap.usageReported()).isFalse();
+        List<DataBuffer> out = tap.onComplete(factory);
+        assertThat(tap.usageReported()).isTrue();
+        assertThat(out.stream().map(this::text).reduce("", String::concat)).isEqualTo(body);
+    }
+
+    @Test
+    void aJsonAnswerTooLargeToHoldPassesThroughUncounted() {
+        UsageTap tap = new UsageTap(false, false);
+        byte[] big = new byte[UsageTap.MAX_JSON_COPY + 1];
+        java.util.Arrays.fill(big, (byte) ' ');
+        List<DataBuffer> first = tap.onBuffer(factory.wrap(big), factory);
+        assertThat(first.stream().mapToInt(DataBuffer::readableByteCount).sum()).isEqualTo(big.length);
+        DataBuffer next = factory.wrap("{}".getBytes(StandardCharsets.UTF_8));
+        assertThat(tap.onBuffer(next, factory)).containsExactly(next);
+        assertThat(tap.onComplete(factory)).isEmpty();
+        assertThat(tap.usageReported()).isFalse();
+    }
 }
