@@ -151,3 +151,22 @@ def test_invalid_option_is_rejected():
     result = run_serve("--http-port", "99999")
     assert result.returncode == 2
     assert "http_port" in result.stderr or "http-port" in result.stderr
+
+
+def test_builtin_gguf_conversion_is_reused_after_a_reinstall(smollm, tmp_path):
+    """A reinstall writes the same GGUF with a new mtime; the cached conversion (540 MB) must be reused."""
+    import os
+    import shutil
+
+    from model_service.llm import loader
+
+    original = loader.builtin_gguf_path("smollm2-135m-instruct")
+    converted = loader._convert_gguf_once(original, "smollm2-135m-instruct")  # done by the smollm fixture
+    cache = converted.parent
+    before = sorted(p.name for p in cache.iterdir())
+
+    reinstalled = tmp_path / original.name
+    shutil.copyfile(original, reinstalled)
+    os.utime(reinstalled, (original.stat().st_atime + 3600, original.stat().st_mtime + 3600))
+    assert loader._convert_gguf_once(reinstalled, "smollm2-135m-instruct") == converted
+    assert sorted(p.name for p in cache.iterdir()) == before

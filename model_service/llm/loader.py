@@ -6,6 +6,7 @@ here from the checkpoint itself, never hard-coded.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -61,6 +62,15 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
+def _content_digest(path: Path) -> str:
+    """A short sha256 of a file's bytes (about 0.2 s for the 98 MB default)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _convert_gguf_once(gguf: Path, name: str) -> Path:
     """Convert a GGUF file to a Hugging Face directory, once, and cache it.
 
@@ -70,8 +80,9 @@ def _convert_gguf_once(gguf: Path, name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    target = _cache_root() / "converted" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    # Keyed by content, not mtime: a reinstall of the same package (every fresh clone's `make install`)
+    # must reuse the conversion instead of adding another full-size float32 copy to the cache.
+    target = _cache_root() / "converted" / f"{name}-{_content_digest(gguf)}"
     if (target / "config.json").is_file():
         return target
     log.info("converting GGUF to a cached Hugging Face directory (first start only)",
