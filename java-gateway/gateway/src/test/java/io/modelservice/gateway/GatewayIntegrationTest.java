@@ -208,6 +208,21 @@ class GatewayIntegrationTest {
     }
 
     @Test
+    void aPodAtCapacityIsRetriedOnAnotherPod() {
+        FLAKY.failWith = 429;
+        int flakyBefore = FLAKY.requests.size();
+        try {
+            for (int i = 0; i < 8; i++) {
+                post("sk-alice", i % 2 == 0 ? CHAT : STREAM).expectStatus().isOk();
+            }
+        } finally {
+            FLAKY.failWith = 0;
+        }
+        // the full pod was asked (and said 429) at least once, yet no client saw a 429
+        assertThat(FLAKY.requests.size()).isGreaterThan(flakyBefore);
+    }
+
+    @Test
     void noInstanceAnswersIs503InOpenAiShape() {
         WebTestClient.ResponseSpec response = post("sk-alice", CHAT.replace("stub-model", "down-model"));
         response.expectHeader().exists("Retry-After");

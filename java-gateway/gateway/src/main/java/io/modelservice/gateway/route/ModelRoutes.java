@@ -93,9 +93,12 @@ public class ModelRoutes {
         GatewayFilterSpec spec = f.circuitBreaker(c -> c.setName(route.getId()).setFallbackUri(fallbackUri));
         if (resilience.getRetries() > 0) {
             Duration first = resilience.getRetryBackoff();
+            // 429 too: a pod answers it at once, before any work, when its batch and queue are full; another pod
+            // (the load balancer prefers untried ones) may have room. The client sees the last answer.
             spec = spec.retry(c -> c.setRetries(resilience.getRetries())
                     .setMethods(HttpMethod.GET, HttpMethod.POST)
                     .setSeries(HttpStatus.Series.SERVER_ERROR)
+                    .setStatuses(HttpStatus.TOO_MANY_REQUESTS)
                     .setExceptions(IOException.class, TimeoutException.class)
                     .setBackoff(first, first.multipliedBy(10), 2, false));
         }
