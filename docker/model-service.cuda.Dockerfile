@@ -2,10 +2,9 @@
 # The model service on an NVIDIA CUDA runtime base, with PyPI's CUDA build of torch.
 #   docker build -f docker/model-service.cuda.Dockerfile -t model-service:cuda .
 #   docker run --gpus all ... model-service:cuda
-# Needs the NVIDIA Container Toolkit on the host. Note: the engine currently runs the model on the CPU
-# (there is no device option yet); this image carries everything a GPU run needs (CUDA torch, a CUDA
-# runtime base matching the driver's capabilities) so that it is the image to deploy once that lands.
-# Otherwise it is the CPU image (docker/model-service.Dockerfile): same settings, ports and health check.
+# Needs the NVIDIA Container Toolkit on the host. The model runs on the first GPU (MODEL_SERVICE_DEVICE=cuda;
+# cuda:N for another); bfloat16 by default here, the GPU's native half precision. Otherwise it is the CPU
+# image (docker/model-service.Dockerfile): same settings, ports and health check.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -23,6 +22,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MODEL_SERVICE_HOST=0.0.0.0 \
     MODEL_SERVICE_HTTP_PORT=8000 \
     MODEL_SERVICE_GRPC_PORT=50051 \
+    MODEL_SERVICE_DEVICE=cuda \
+    MODEL_SERVICE_DTYPE=bfloat16 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 

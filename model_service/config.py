@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and activations dtype. 'auto' takes the checkpoint's own."
     )
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Where the model runs: cpu, cuda or cuda:N. Sampling and batch bookkeeping stay on the CPU.",
+    )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 uses every available core.")
     max_model_len: int | None = Field(
         None, ge=16, description="Context length to enforce (default: the model's max_position_embeddings)."

@@ -102,6 +102,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, limits: EngineLimits, metrics: EngineMetrics | None = None):
         self.model_info = loaded
         self._model = loaded.model
+        self._device = torch.device(loaded.device)  # the model's; the batch's masks and ids live on the CPU
         self._tokenizer = loaded.tokenizer
         self._eos = frozenset(loaded.eos_token_ids)
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else (
@@ -299,10 +300,11 @@ class Engine:
         return chosen
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        device = self._device
         out = self._model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
+            input_ids=input_ids.to(device, non_blocking=True),
+            attention_mask=attention_mask.to(device, non_blocking=True),
+            position_ids=position_ids.to(device, non_blocking=True),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,

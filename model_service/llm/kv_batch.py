@@ -61,6 +61,7 @@ class PaddedLayer(DynamicLayer):
         """Keep rows ``indices`` and drop ``drop_left`` leading (all-padding) positions."""
         if self._k is None:
             return
+        indices = indices.to(self._k.device)
         self._k = self._k[indices, :, drop_left : self.length].contiguous()
         self._v = self._v[indices, :, drop_left : self.length].contiguous()
         self.length -= drop_left

@@ -41,6 +41,7 @@ class LoadedModel:
     eos_token_ids: list[int]
     dtype: str
     source: str
+    device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
 
@@ -169,6 +170,7 @@ def load_model(
     model: str,
     *,
     dtype: str = "float32",
+    device: str = "cpu",
     trust_remote_code: bool = False,
     threads: int = 0,
     max_model_len: int | None = None,
@@ -182,6 +184,13 @@ def load_model(
 
     if threads:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: torch sees no CUDA device here (a CPU-only torch build, "
+                                 "no driver, or no GPU); use --device cpu")
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     transformers.utils.logging.enable_progress_bar()
 
     if gguf_file is not None:
@@ -197,7 +206,7 @@ def load_model(
             )
 
     started = time.monotonic()
-    log.info("loading model", extra={"model": str(source), "dtype": dtype})
+    log.info("loading model", extra={"model": str(source), "dtype": dtype, "device": device})
     # A hub id is only honoured from the local Hugging Face cache: pods never download at run time.
     common = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     try:
@@ -229,6 +238,8 @@ def load_model(
         raise ModelLoadError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
     hf_model.eval()
     hf_model.requires_grad_(False)
+    if device != "cpu":
+        hf_model.to(device)
 
     if not getattr(tokenizer, "chat_template", None):
         log.warning("the tokenizer has no chat template; /v1/chat/completions will be refused")
@@ -244,6 +255,7 @@ def load_model(
         eos_token_ids=eos_ids,
         dtype=str(next(hf_model.parameters()).dtype).removeprefix("torch."),
         source=str(source),
+        device=str(next(hf_model.parameters()).device),
     )
     log.info(
         "model loaded",
@@ -253,6 +265,7 @@ def load_model(
             "context_length": loaded.context_length,
             "eos_token_ids": eos_ids,
             "dtype": loaded.dtype,
+            "device": loaded.device,
             "threads": torch.get_num_threads(),
             "seconds": round(time.monotonic() - started, 2),
         },

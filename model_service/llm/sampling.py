@@ -98,6 +98,9 @@ def sample_next_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list
     logits = logits.float()
     if all(s.params.greedy and not s.params.penalized for s in states):
         return torch.argmax(logits, dim=-1).tolist()  # the common fast path: one op for the batch
+    # Per-request samplers (penalties, seeded CPU generators) work row by row on the CPU: one copy of the
+    # logits, and a seed gives the same tokens whatever the device.
+    logits = logits.cpu()
     tokens = []
     for i, state in enumerate(states):
         row = logits[i]

@@ -123,7 +123,7 @@ async def serve(settings: Settings) -> int:
 
     exit_code = 0
     load_task = _in_daemon_thread(lambda: load_model(
-        settings.model, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+        settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code,
         threads=settings.resolved_threads(), max_model_len=settings.max_model_len,
         served_model_name=state.model_name,
     ))
