@@ -44,8 +44,12 @@ final class StubModelService implements AutoCloseable {
         return new StubModelService(name);
     }
 
+    int port() {
+        return server.port();
+    }
+
     String url() {
-        return "http://127.0.0.1:" + server.port();
+        return "http://127.0.0.1:" + port();
     }
 
     /** The request most recently received by any of the given stubs. */
