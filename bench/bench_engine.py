@@ -121,6 +121,18 @@ async def load_test(port: int, concurrency: int, new_tokens: int) -> dict:
             "ttft_p95_s": round(pct(ttfts, 0.95), 3)}
 
 
+def measure(name: str, server: Server, args) -> tuple[list[dict], float]:
+    """The load test at each concurrency against a started server, then its peak RSS (MB); stops the server."""
+    rows = []
+    try:
+        for c in args.concurrency:
+            rows.append(asyncio.run(load_test(server.port, c, args.new_tokens)))
+            print(f"  {name} c={c}: {rows[-1]}", flush=True)
+        return rows, peak_rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+
+
 def batched_generate_ceiling(dtype: str, batch_sizes: list[int], new_tokens: int) -> list[dict]:
     """Plain ``model.generate`` over the same prompts, left-padded, one call per batch size."""
     import torch
@@ -163,31 +175,16 @@ def main() -> None:
 
     print("2/3 the model service (continuous batching)", flush=True)
     port = free_port()
-    service = Server([sys.executable, "-m", "model_service", "serve", "--http-port", str(port), "--grpc-port", "0",
-                      "--dtype", args.dtype, "--log-level", "warning"], port, "service.log")
-    ours = []
-    try:
-        for c in args.concurrency:
-            ours.append(asyncio.run(load_test(port, c, args.new_tokens)))
-            print(f"  service c={c}: {ours[-1]}", flush=True)
-        service_rss = peak_rss_mb(service.proc.pid)
-    finally:
-        service.stop()
+    ours, service_rss = measure("service", Server(
+        [sys.executable, "-m", "model_service", "serve", "--http-port", str(port), "--grpc-port", "0",
+         "--dtype", args.dtype, "--log-level", "warning"], port, "service.log"), args)
 
-    naive = []
+    naive, naive_rss = [], float("nan")
     if not args.skip_naive:
         print("3/3 naive baseline: one generate() thread per request", flush=True)
         port = free_port()
-        baseline = Server([sys.executable, "bench/naive_server.py", str(port), args.dtype], port, "naive.log")
-        try:
-            for c in args.concurrency:
-                naive.append(asyncio.run(load_test(port, c, args.new_tokens)))
-                print(f"  naive c={c}: {naive[-1]}", flush=True)
-            naive_rss = peak_rss_mb(baseline.proc.pid)
-        finally:
-            baseline.stop()
-    else:
-        naive_rss = float("nan")
+        naive, naive_rss = measure("naive", Server(
+            [sys.executable, "bench/naive_server.py", str(port), args.dtype], port, "naive.log"), args)
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
