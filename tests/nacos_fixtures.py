@@ -187,3 +187,10 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, message: str = "
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"{message} not reached in {timeout}s" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def start_seeded_rnacos(tmp_path_factory, prefix: str) -> RNacos:
+    """A started r-nacos for one test module, on a copy of a data folder known to have initialised."""
+    rnacos_bin()
+    seed = make_seed(tmp_path_factory.mktemp(f"{prefix}-rnacos-seed"))
+    return RNacos(tmp_path_factory.mktemp(f"{prefix}-rnacos"), seed=seed).start()

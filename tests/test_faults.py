@@ -30,7 +30,7 @@ import httpx
 import psutil
 import pytest
 from conftest import GATEWAY_JAR, Gateway, ServerProcess, need_jar, start_gateway, start_pods
-from nacos_fixtures import RNacos, make_seed, rnacos_bin, wait_for
+from nacos_fixtures import RNacos, start_seeded_rnacos, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -190,10 +190,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    rnacos_bin()
     need_jar(GATEWAY_JAR)
-    seed = make_seed(tmp_path_factory.mktemp("faults-rnacos-seed"))
-    nacos = RNacos(tmp_path_factory.mktemp("faults-rnacos"), seed=seed).start()
+    nacos = start_seeded_rnacos(tmp_path_factory, "faults")
     st = Stack(nacos, tmp_path_factory.mktemp("faults-pods"))
     try:
         st.ensure_pods(2)

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 from conftest import CLIENT_JAR, GATEWAY_JAR, need_jar, start_gateway, start_pods
-from nacos_fixtures import RNacos, make_seed, rnacos_bin, wait_for
+from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +53,8 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
 # ---------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def nacos(tmp_path_factory):
-    rnacos_bin()
     need_jar(GATEWAY_JAR)
-    seed = make_seed(tmp_path_factory.mktemp("gw-rnacos-seed"))
-    server = RNacos(tmp_path_factory.mktemp("gw-rnacos"), seed=seed).start()
+    server = start_seeded_rnacos(tmp_path_factory, "gw")
     yield server
     server.stop()
 
