@@ -53,43 +53,20 @@ public final class LlmClient implements AutoCloseable {
 
     /** A unary chat call; tries each instance at most once. */
     public ChatResponse chat(ChatRequest request, Duration deadline) {
-        long deadlineNanos = System.nanoTime() + deadline.toNanos();
-        StatusRuntimeException last = null;
-        for (Endpoint endpoint : order()) {
-            long left = deadlineNanos - System.nanoTime();
-            if (left <= 0) {
-                break;
-            }
-            try {
-                return stub(endpoint).withDeadlineAfter(left, TimeUnit.NANOSECONDS).chat(request);
-            } catch (StatusRuntimeException e) {
-                if (!failsOver(e.getStatus())) {
-                    throw e;
-                }
-                System.err.println("instance " + endpoint + " answered " + e.getStatus().getCode()
-                        + "; trying the next one");
-                last = e;
-            }
-        }
-        throw last != null ? last : Status.UNAVAILABLE.withDescription("no model-service instance").asRuntimeException();
+        return withFailover(deadline, stub -> stub.chat(request));
     }
 
     /**
      * A streaming chat call: {@code onMessage} gets every message as it arrives; returns the final one (finish
-     * reason and usage).
+     * reason and usage). Once a message has arrived, a failure is the caller's: the stream is not restarted
+     * elsewhere.
      */
     public ChatStreamResponse chatStream(ChatRequest request, Duration deadline, Consumer<ChatStreamResponse> onMessage) {
-        long deadlineNanos = System.nanoTime() + deadline.toNanos();
-        StatusRuntimeException last = null;
-        for (Endpoint endpoint : order()) {
-            long left = deadlineNanos - System.nanoTime();
-            if (left <= 0) {
-                break;
-            }
+        return withFailover(deadline, stub -> {
             boolean received = false;
             ChatStreamResponse finalMessage = null;
             try {
-                var messages = stub(endpoint).withDeadlineAfter(left, TimeUnit.NANOSECONDS).chatStream(request);
+                var messages = stub.chatStream(request);
                 while (messages.hasNext()) {
                     ChatStreamResponse message = messages.next();
                     received = true;
@@ -98,7 +75,38 @@ public final class LlmClient implements AutoCloseable {
                 }
                 return finalMessage;
             } catch (StatusRuntimeException e) {
-                if (received || !failsOver(e.getStatus())) {
+                throw received ? new Committed(e) : e;
+            }
+        });
+    }
+
+    /** One try on one instance, through a stub that already carries what is left of the caller's deadline. */
+    private interface Attempt<T> {
+        T call(LlmServiceGrpc.LlmServiceBlockingStub stub);
+    }
+
+    /** A failure an attempt must not retry elsewhere (its stream already delivered messages). */
+    private static final class Committed extends RuntimeException {
+        Committed(StatusRuntimeException cause) {
+            super(cause);
+        }
+    }
+
+    /** Runs {@code attempt} on each instance in turn until one answers or fails with a status not worth failing over. */
+    private <T> T withFailover(Duration deadline, Attempt<T> attempt) {
+        long deadlineNanos = System.nanoTime() + deadline.toNanos();
+        StatusRuntimeException last = null;
+        for (Endpoint endpoint : order()) {
+            long left = deadlineNanos - System.nanoTime();
+            if (left <= 0) {
+                break;
+            }
+            try {
+                return attempt.call(stub(endpoint).withDeadlineAfter(left, TimeUnit.NANOSECONDS));
+            } catch (Committed e) {
+                throw (StatusRuntimeException) e.getCause();
+            } catch (StatusRuntimeException e) {
+                if (!failsOver(e.getStatus())) {
                     throw e;
                 }
                 System.err.println("instance " + endpoint + " answered " + e.getStatus().getCode()

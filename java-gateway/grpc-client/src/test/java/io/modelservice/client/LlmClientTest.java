@@ -41,6 +41,7 @@ class LlmClientTest {
         final Status failure;
         final AtomicInteger calls = new AtomicInteger();
         final AtomicReference<String> authorization = new AtomicReference<>();
+        volatile boolean breakAfterFirstMessage;
 
         FakePod(String name, Status failure) {
             this.name = name;
@@ -69,6 +70,10 @@ class LlmClientTest {
             }
             for (String piece : List.of("Par", "is")) {
                 out.onNext(ChatStreamResponse.newBuilder().setText(piece).build());
+                if (breakAfterFirstMessage) {
+                    out.onError(Status.UNAVAILABLE.withDescription("pod went away").asRuntimeException());
+                    return;
+                }
             }
             out.onNext(ChatStreamResponse.newBuilder().setFinishReason(FinishReason.FINISH_REASON_STOP)
                     .setUsage(Usage.newBuilder().setTotalTokens(9)).build());
@@ -147,6 +152,30 @@ class LlmClientTest {
                 }
             }
             assertEquals(invalid.calls.get(), failures);  // each INVALID_ARGUMENT reached the caller as it was
+        }
+    }
+
+    @Test
+    void aStreamThatBrokeAfterItsFirstMessageIsNotRestartedElsewhere() throws Exception {
+        FakePod breaking = new FakePod("breaking-" + System.nanoTime(), null);
+        breaking.breakAfterFirstMessage = true;
+        FakePod up = new FakePod("up3-" + System.nanoTime(), null);
+        try (LlmClient client = client(List.of(serve(breaking), serve(up)))) {
+            int served = 0;
+            for (int i = 0; i < 200 && breaking.calls.get() == 0; i++) {
+                List<String> seen = new ArrayList<>();
+                try {
+                    client.chatStream(question(), Duration.ofSeconds(5), m -> seen.add(m.getText()));
+                    assertEquals(List.of("Par", "is", ""), seen);
+                    served++;
+                } catch (StatusRuntimeException e) {
+                    // the caller has "Par" already: restarting elsewhere would repeat it, so the error is theirs
+                    assertEquals(Status.Code.UNAVAILABLE, e.getStatus().getCode());
+                    assertEquals(List.of("Par"), seen);
+                }
+            }
+            assertEquals(1, breaking.calls.get());
+            assertEquals(served, up.calls.get());
         }
     }
 
