@@ -34,7 +34,7 @@ done
 
 login() {  # login USER PASSWORD -> prints the access token (empty on failure)
   curl -sS -X POST "${API}/auth/users/login" --data-urlencode "username=$1" --data-urlencode "password=$2" \
-    | sed -n 's/.*"accessToken":"\([^"]*\)".*/\1/p'
+    | sed -n 's/.*"accessToken" *: *"\([^"]*\)".*/\1/p'
 }
 
 # Nacos 2.4+ has no default admin password: the first caller sets it (a conflict afterwards is expected).
@@ -51,12 +51,11 @@ admin() {  # admin METHOD PATH [curl args...]: one call as the admin; prints the
   curl -sS -o /tmp/nacos-init.out -w '%{http_code}' -X "$method" -H "Authorization: Bearer ${TOKEN}" "${API}${path}" "$@"
 }
 
-ensure_user() {  # ensure_user NAME PASSWORD: create, or reset the password to the configured one
-  status="$(admin POST /auth/users --data-urlencode "username=$1" --data-urlencode "password=$2")"
-  if [ "$status" != 200 ]; then
-    status="$(admin PUT /auth/users --data-urlencode "username=$1" --data-urlencode "newPassword=$2")"
-    [ "$status" = 200 ] || { echo "nacos-init: cannot create or update user $1 (HTTP $status)" >&2; cat /tmp/nacos-init.out >&2; exit 1; }
-  fi
+ensure_user() {  # ensure_user NAME PASSWORD: create if missing (refused when it exists: fine), then set the
+                 # password, so that a changed secret takes effect on the next run
+  admin POST /auth/users --data-urlencode "username=$1" --data-urlencode "password=$2" >/dev/null
+  status="$(admin PUT /auth/users --data-urlencode "username=$1" --data-urlencode "newPassword=$2")"
+  [ "$status" = 200 ] || { echo "nacos-init: cannot create or update user $1 (HTTP $status)" >&2; cat /tmp/nacos-init.out >&2; exit 1; }
   echo "nacos-init: user $1 ok"
 }
 
