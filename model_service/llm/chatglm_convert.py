@@ -115,12 +115,12 @@ def detect_family(directory: Path, config: dict) -> str:
                            "padded_vocab_size") if k not in config]
     if missing:
         raise ChatGLMConversionError(
-            f"{directory} is a ChatGLM checkpoint without {', '.join(missing)} in config.json: the first-generation "
-            "ChatGLM-6B is not supported (ChatGLM2-6B, ChatGLM3-6B and glm-4-9b-chat are)"
+            f"config.json lacks {', '.join(missing)}: not a ChatGLM2/ChatGLM3/GLM-4 config (the first-generation "
+            "ChatGLM-6B is not supported)"
         )
     tokenizer_model = directory / "tokenizer.model"
     if not tokenizer_model.is_file():
-        raise ChatGLMConversionError(f"{directory} has no tokenizer.model: the ChatGLM tokenizer file is missing")
+        raise ChatGLMConversionError("tokenizer.model (the ChatGLM tokenizer file) is missing")
     if _is_tiktoken_ranks(tokenizer_model):
         return FAMILY_GLM4
     # ChatGLM2 and ChatGLM3 share the SentencePiece model; ChatGLM3's code adds the role tokens. The code is read
@@ -164,12 +164,12 @@ def _weight_files(directory: Path) -> tuple[list[Path], str]:
             shards = [directory / name for name in sorted(set(weight_map.values()))]
             absent = [p.name for p in shards if not p.is_file()]
             if absent:
-                raise ChatGLMConversionError(f"{directory}: weight file(s) listed in {index_name} are missing: "
+                raise ChatGLMConversionError(f"weight file(s) listed in {index_name} are missing: "
                                              f"{', '.join(absent)}")
             return shards, fmt
         if (directory / single).is_file():
             return [directory / single], fmt
-    raise ChatGLMConversionError(f"{directory} has no weights (no *.safetensors or pytorch_model*.bin with an index)")
+    raise ChatGLMConversionError("no weights (no model*.safetensors or pytorch_model*.bin shards)")
 
 
 def _source_files(directory: Path) -> list[Path]:
@@ -320,7 +320,7 @@ def convert_weights(directory: Path, target: Path, native) -> None:
             expected |= {f"{p}self_attn.{x}_proj.bias" for x in "qkv"}
     missing = sorted(expected - set(weight_map))
     if missing:
-        raise ChatGLMConversionError(f"{directory}: the weights lack {len(missing)} tensor(s), e.g. {missing[0]} "
+        raise ChatGLMConversionError(f"the weights lack {len(missing)} tensor(s), e.g. {missing[0]} "
                                      "(incomplete download?)")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
