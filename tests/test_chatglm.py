@@ -110,7 +110,8 @@ def test_chatglm3_tokenizer_equals_sentencepiece_on_random_text(loaded):
 
     tokenizer = loaded("chatglm3-tiny").tokenizer
     sp = SentencePieceProcessor(model_file=str(FIXTURES / "chatglm3-tiny" / "tokenizer.model"))
-    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,!?'\"\t\n你好世界产有é€😀") + ["  ", "   ", "\n\n"]
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,!?'\"\t\n你好世界产有é€😀")
+    alphabet += ["  ", "   ", "\n\n"]
     rng = random.Random(7)
     for _ in range(2000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
@@ -383,7 +384,8 @@ def _native_truncated_config(d: Path):
      "missing: model-00002-of-00002.safetensors"),
     ("chatglm3-tiny", _truncate_shard, "cannot read weights"),
     ("glm4-chat-tiny", _truncate_config, "config.json is not valid JSON"),
-    ("chatglm3-tiny-notemplate", lambda d: (d / "tokenizer.model").unlink(), "tokenizer.model (the ChatGLM tokenizer file) is missing"),
+    ("chatglm3-tiny-notemplate", lambda d: (d / "tokenizer.model").unlink(),
+     "tokenizer.model (the ChatGLM tokenizer file) is missing"),
     ("glm4-chat-tiny", lambda d: (d / "tokenizer_config.json").write_text('{"added_tokens_decoder": {}}'),
      "GLM-4 special tokens"),
     ("chatglm3-tiny", _native_without_weights, "cannot load the weights of"),

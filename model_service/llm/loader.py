@@ -172,7 +172,8 @@ def _read_config(directory: Path) -> dict:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{directory / 'config.json'} is not valid JSON ({exc}); is the download complete?") from None
+        raise ModelLoadError(
+            f"{directory / 'config.json'} is not valid JSON ({exc}); is the download complete?") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{directory / 'config.json'} is not a JSON object")
     return config
