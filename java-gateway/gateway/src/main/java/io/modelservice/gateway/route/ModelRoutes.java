@@ -93,12 +93,19 @@ public class ModelRoutes {
         GatewayFilterSpec spec = f.circuitBreaker(c -> c.setName(route.getId()).setFallbackUri(fallbackUri));
         if (resilience.getRetries() > 0) {
             Duration first = resilience.getRetryBackoff();
-            // 429 too: a pod answers it at once, before any work, when its batch and queue are full; another pod
-            // (the load balancer prefers untried ones) may have room. The client sees the last answer.
+            // Only what says "this pod cannot take it now" is worth another pod: connect errors, the failure
+            // statuses (502/503/504) and the refusal statuses (a pod's 429, answered before any work when its batch
+            // and queue are full; the load balancer prefers untried pods). Never a plain 500 or another 4xx: those
+            // are about the request, and retrying them multiplies one bad request. The client sees the last answer.
+            HttpStatus[] statuses = java.util.stream.Stream.concat(resilience.getFailureStatuses().stream(),
+                    resilience.getRefusalStatuses().stream()).distinct().map(HttpStatus::valueOf)
+                    .toArray(HttpStatus[]::new);
+            HttpMethod[] methods = resilience.getRetryMethods().stream().map(HttpMethod::valueOf)
+                    .toArray(HttpMethod[]::new);
             spec = spec.retry(c -> c.setRetries(resilience.getRetries())
-                    .setMethods(HttpMethod.GET, HttpMethod.POST)
-                    .setSeries(HttpStatus.Series.SERVER_ERROR)
-                    .setStatuses(HttpStatus.TOO_MANY_REQUESTS)
+                    .setMethods(methods)
+                    .setSeries()
+                    .setStatuses(statuses)
                     .setExceptions(IOException.class, TimeoutException.class)
                     .setBackoff(first, first.multipliedBy(10), 2, false));
         }
