@@ -20,6 +20,7 @@ import org.springframework.stereotype.Component;
 import org.springframework.web.server.ServerWebExchange;
 import org.springframework.web.server.WebFilter;
 import org.springframework.web.server.WebFilterChain;
+import io.netty.handler.timeout.ReadTimeoutException;
 import reactor.core.publisher.Flux;
 import reactor.core.publisher.Mono;
 import reactor.core.publisher.SignalType;
@@ -92,9 +93,18 @@ public class EdgeFilter implements WebFilter, Ordered {
                     return bytes;
                 })
                 .defaultIfEmpty(new byte[0])
-                .flatMap(bytes -> checkAndForward(exchange, chain, caller, bytes))
+                .flatMap(bytes -> OpenAiErrors.answeredByServer(exchange)
+                        // Reactor Netty could not decode the body (a broken chunked encoding) and has already
+                        // answered 400 and closed: record that, add nothing.
+                        ? OpenAiErrors.write(exchange, OpenAiErrors.badRequest("The request body is malformed.",
+                                "malformed_request")).doOnSubscribe(s -> metrics.rejected("malformed_request"))
+                        : checkAndForward(exchange, chain, caller, bytes))
                 .onErrorResume(DataBufferLimitException.class,
-                        e -> reject(exchange, OpenAiErrors.tooLarge(max), "too_large"));
+                        e -> reject(exchange, OpenAiErrors.tooLarge(max), "too_large"))
+                // llm-gateway.edge.read-timeout / request-timeout: a client that stopped sending its body
+                .onErrorResume(e -> OpenAiErrorHandler.rootCause(e) instanceof ReadTimeoutException,
+                        e -> reject(exchange, OpenAiErrors.ApiError.of(408, "The request body did not arrive in time.",
+                                "invalid_request_error", "request_timeout"), "request_timeout"));
     }
 
     private Mono<Void> checkAndForward(ServerWebExchange exchange, WebFilterChain chain, Caller caller, byte[] bytes) {
