@@ -75,7 +75,7 @@ public final class OpenAiErrors {
         Object nativeResponse;
         try {
             nativeResponse = ServerHttpResponseDecorator.getNativeResponse(exchange.getResponse());
-        } catch (IllegalArgumentException notNetty) {
+        } catch (IllegalArgumentException | IllegalStateException notNetty) {  // not Reactor Netty (a mock)
             return false;
         }
         return nativeResponse instanceof reactor.netty.http.server.HttpServerResponse r && r.hasSentHeaders()
