@@ -1,12 +1,17 @@
 package io.modelservice.gateway;
 
 import java.io.IOException;
+import java.net.URI;
 import java.net.ServerSocket;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
 
+import io.github.resilience4j.circuitbreaker.CircuitBreaker;
 import io.micrometer.core.instrument.MeterRegistry;
 import io.modelservice.gateway.auth.Authenticator;
 import io.modelservice.gateway.route.InstanceBreakers;
@@ -180,7 +185,7 @@ class GatewayIntegrationTest {
             "/v1/../__gateway/via/model-service"})
     void encodedOrUnnormalisedPathsNeverReachAPod(String path) {
         int before = GOOD.requests.size() + FLAKY.requests.size();
-        WebTestClient.ResponseSpec response = client.post().uri(java.net.URI.create("http://127.0.0.1:" + port + path))
+        WebTestClient.ResponseSpec response = client.post().uri(URI.create("http://127.0.0.1:" + port + path))
                 .contentType(MediaType.APPLICATION_JSON)
                 .header("Authorization", "Bearer sk-bogus").header("X-Caller-Id", "admin")
                 .bodyValue(CHAT).exchange();
@@ -222,14 +227,14 @@ class GatewayIntegrationTest {
         assertThat(flakyRequests).isGreaterThanOrEqualTo(4);
         assertThat(errors).isEqualTo(flakyRequests);  // each 500 reached the client once: no retry
         assertThat(breakers.forInstance(InstanceBreakers.key("127.0.0.1", FLAKY.port())).getState())
-                .isEqualTo(io.github.resilience4j.circuitbreaker.CircuitBreaker.State.CLOSED);
+                .isEqualTo(CircuitBreaker.State.CLOSED);
     }
 
     @Test
     void aParallelBurstServesAtMostTheBudgetAndOneRequest() throws Exception {
         String body = CHAT.replace("\"messages\"", "\"max_tokens\":10,\"messages\"");
-        java.util.concurrent.ExecutorService pool = java.util.concurrent.Executors.newFixedThreadPool(20);
-        List<java.util.concurrent.Future<Integer>> statuses = new ArrayList<>();
+        ExecutorService pool = Executors.newFixedThreadPool(20);
+        List<Future<Integer>> statuses = new ArrayList<>();
         WebClient web = WebClient.create("http://127.0.0.1:" + port);
         for (int i = 0; i < 20; i++) {
             statuses.add(pool.submit(() -> web.post().uri("/v1/chat/completions")

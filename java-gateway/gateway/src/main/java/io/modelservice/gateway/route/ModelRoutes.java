@@ -6,6 +6,7 @@ import java.util.HashSet;
 import java.util.List;
 import java.util.Set;
 import java.util.concurrent.TimeoutException;
+import java.util.stream.Stream;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ObjectNode;
@@ -33,7 +34,8 @@ import static org.springframework.cloud.gateway.support.RouteMetadataUtils.RESPO
 
 /**
  * The routes, from {@code llm-gateway.routes}: {@code /v1/** -> lb://<service>} (instances from Nacos), each with
- * a circuit breaker (fallback: an OpenAI-shaped 503, or another model's route) and retries on another instance.
+ * a circuit breaker (fallback: an OpenAI-shaped 503, or another model's route) and retries on another instance
+ * of what {@code llm-gateway.resilience} lists (connect errors, 502/503/504, a pod's 429).
  * Routes that list models take the requests for those models; a route without models takes the rest.
  */
 @Configuration(proxyBeanMethods = false)
@@ -97,7 +99,7 @@ public class ModelRoutes {
             // statuses (502/503/504) and the refusal statuses (a pod's 429, answered before any work when its batch
             // and queue are full; the load balancer prefers untried pods). Never a plain 500 or another 4xx: those
             // are about the request, and retrying them multiplies one bad request. The client sees the last answer.
-            HttpStatus[] statuses = java.util.stream.Stream.concat(resilience.getFailureStatuses().stream(),
+            HttpStatus[] statuses = Stream.concat(resilience.getFailureStatuses().stream(),
                     resilience.getRefusalStatuses().stream()).distinct().map(HttpStatus::valueOf)
                     .toArray(HttpStatus[]::new);
             HttpMethod[] methods = resilience.getRetryMethods().stream().map(HttpMethod::valueOf)

@@ -13,6 +13,7 @@ import org.springframework.http.server.reactive.ServerHttpResponse;
 import org.springframework.http.server.reactive.ServerHttpResponseDecorator;
 import reactor.core.publisher.Flux;
 import reactor.core.publisher.Mono;
+import reactor.core.publisher.SignalType;
 
 /**
  * Passes a model's answer through to the client while a {@link UsageTap} reads its usage, and settles the
@@ -85,7 +86,7 @@ final class UsageSettlingResponse extends ServerHttpResponseDecorator {
                 .concatMapIterable(buffer -> settleIfReported(tap.onBuffer(buffer, delegate.bufferFactory())))
                 .concatWith(Flux.defer(() -> Flux.fromIterable(
                         settleIfReported(tap.onComplete(delegate.bufferFactory())))))
-                .doFinally(signal -> reservation.settleAtEnd(signal == reactor.core.publisher.SignalType.CANCEL));
+                .doFinally(signal -> reservation.settleAtEnd(signal == SignalType.CANCEL));
     }
 
     private List<DataBuffer> settleIfReported(List<DataBuffer> out) {
