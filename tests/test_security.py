@@ -11,7 +11,7 @@ Each test fails on the gateway before the fixes of issue 13:
    breakers: a normal request right after still succeeds;
 4. a parallel burst on a small token budget serves at most the budget plus one request; a long-prompt stream
    the client abandons is charged its prompt;
-5. a slow client (partial headers, a body that never ends) is cut off within the configured time;
+5. a slow client (partial or trickled headers, a body that never ends) is cut off within the configured time;
 6. actuator (Prometheus: callers, token counts, pod addresses) only on the management port; the pods'
    `server` header does not reach clients.
 """
@@ -87,6 +87,7 @@ def gateway(nacos, pod, tmp_path_factory):
     gw = start_gateway(tmp_path_factory.mktemp("sec-gw"), nacos.address, INTERNAL_KEY, KEYS,
                        f"--server.netty.idle-timeout={EDGE_TIMEOUT_S}s",
                        f"--llm-gateway.edge.read-timeout={EDGE_TIMEOUT_S}s",
+                       f"--llm-gateway.edge.request-head-timeout={EDGE_TIMEOUT_S}s",
                        # an opened breaker would stay open for the rest of the module
                        "--llm-gateway.resilience.open-state-wait=120s",
                        env={"GATEWAY_UPSTREAM_ALLOWED_NETWORKS": "127.0.0.1/32"})
@@ -316,6 +317,27 @@ def test_a_slow_client_is_cut_off(gateway):
         if got:  # a body timeout is answered in OpenAI's shape before the connection closes
             assert got.startswith(b"HTTP/1.1 408"), (name, got[:300])
             assert b'"request_timeout"' in got
+    # a byte a second restarts the idle timeout each time, but not the deadline for the whole request head
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as s:
+        started, closed_after = time.monotonic(), None
+        for byte in b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 60:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # reset: closed
+                closed_after = time.monotonic() - started
+                break
+            s.settimeout(1.0)  # wait a second for the close, reading nothing else
+            try:
+                if s.recv(1) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except (TimeoutError, socket.timeout):
+                pass
+            except ConnectionResetError:
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "a trickling client kept its connection for a minute"
+    assert EDGE_TIMEOUT_S - 0.5 <= closed_after <= EDGE_TIMEOUT_S + 7, closed_after
     # logged as what the client got, never as an error of the gateway
     wait_for(lambda: [a["status"] for a in access_log(gateway) if a.get("error") == "request_timeout"] == [408, 408],
              10, message="both body timeouts logged as 408")

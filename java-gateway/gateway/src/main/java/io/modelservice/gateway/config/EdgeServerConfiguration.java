@@ -8,12 +8,13 @@ import org.springframework.boot.web.embedded.netty.NettyServerCustomizer;
 import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Configuration;
 import reactor.core.publisher.Hooks;
+import reactor.netty.NettyPipeline;
 
 /**
- * Slow clients at the public port: Reactor Netty's read timeouts on the request body, next to
- * {@code server.netty.idle-timeout} (a connection waiting for its request headers). Without them a client that
- * sends a chunked body without its end, or fewer bytes than its Content-Length, holds a connection (and a request
- * being read) forever.
+ * Slow clients at the public port: a deadline for each request head ({@link RequestHeadDeadline}), Reactor
+ * Netty's read timeouts on the request body, next to {@code server.netty.idle-timeout}. Without them a client that
+ * trickles its headers, sends a chunked body without its end, or fewer bytes than its Content-Length, holds a
+ * connection (and a request being read) forever.
  */
 @Configuration(proxyBeanMethods = false)
 public class EdgeServerConfiguration {
@@ -21,7 +22,13 @@ public class EdgeServerConfiguration {
     @Bean
     public NettyServerCustomizer edgeReadTimeouts(GatewayProperties properties) {
         GatewayProperties.Edge edge = properties.getEdge();
-        return server -> server.readTimeout(edge.getReadTimeout()).requestTimeout(edge.getRequestTimeout());
+        return server -> server.readTimeout(edge.getReadTimeout()).requestTimeout(edge.getRequestTimeout())
+                .doOnChannelInit((observer, channel, remote) -> {
+                    if (channel.pipeline().get(NettyPipeline.HttpTrafficHandler) != null) {
+                        channel.pipeline().addAfter(NettyPipeline.HttpTrafficHandler, RequestHeadDeadline.NAME,
+                                new RequestHeadDeadline(edge.getRequestHeadTimeout()));
+                    }
+                });
     }
 
     /**

@@ -245,14 +245,18 @@ public class GatewayProperties {
         public void setDefaultMaxTokens(long v) { this.defaultMaxTokens = v; }
     }
 
-    /** Limits on slow clients at the public port (server.netty.idle-timeout bounds a connection waiting for the
-     *  request headers; these bound the body). */
+    /** Limits on slow clients at the public port (with server.netty.idle-timeout). */
     public static class Edge {
+        /** Longest time from a connection's opening (or its previous response's end) to a complete request head,
+         *  however the bytes trickle in. */
+        private Duration requestHeadTimeout = Duration.ofSeconds(60);
         /** Longest silence while reading a request body (a chunked body without its end, a short Content-Length). */
         private Duration readTimeout = Duration.ofSeconds(30);
         /** Longest time to read a whole request body. */
         private Duration requestTimeout = Duration.ofSeconds(60);
 
+        public Duration getRequestHeadTimeout() { return requestHeadTimeout; }
+        public void setRequestHeadTimeout(Duration v) { this.requestHeadTimeout = v; }
         public Duration getReadTimeout() { return readTimeout; }
         public void setReadTimeout(Duration v) { this.readTimeout = v; }
         public Duration getRequestTimeout() { return requestTimeout; }
