@@ -40,10 +40,6 @@ public final class TokenReservation {
         this.exchange = exchange;
     }
 
-    long reserved() {
-        return reserved;
-    }
-
     /** The tap reading the model's answer (set when a successful answer starts). */
     void attach(UsageTap tap) {
         this.tap = tap;
