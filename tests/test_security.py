@@ -1,6 +1,6 @@
 """Security of the gateway edge (issue 13), end to end: real r-nacos, a real model-service pod, the real gateway jar.
 
-    client ──▶ gateway ──lb://model-service (Nacos)──▶ pod (started WITHOUT an API key: a leak would answer)
+    client ──▶ gateway ──lb://model-service (Nacos)──▶ pod (started WITHOUT an API key: a leak is answered)
                       ╳──▶ "intruder" registered in Nacos at 127.0.0.2 (outside the gateway's allowed networks)
 
 Each test fails on the gateway before the fixes of issue 13:
