@@ -83,8 +83,8 @@ public class ModelRoutes {
             // The same service, reached as another route's fallback (internal path, never from outside).
             routes.route(route.id() + "-as-fallback", r -> r.order(order)
                     .path(VIA + route.id())
-                    .filters(f -> resilience(f.filter(asFallback(route, json)), route, "forward:" + FALLBACK + route.id(),
-                            properties.resilience()))
+                    .filters(f -> resilience(f.filter(asFallback(route, json)), route,
+                            "forward:" + FALLBACK + route.id(), properties.resilience()))
                     .metadata(RESPONSE_TIMEOUT_ATTR, route.responseTimeout().toMillis())
                     .metadata(CONNECT_TIMEOUT_ATTR, (int) route.connectTimeout().toMillis())
                     .uri("lb://" + route.service()));
