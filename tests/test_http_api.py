@@ -211,3 +211,44 @@ def test_service_keeps_serving_after_bad_input(client):
 def test_unknown_path_is_openai_shaped_404(client):
     r = client.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+# Text the tokenizer cannot take is the caller's error (400 naming the field), never a 500: a gateway
+# counts 500s against the pod, so one caller could otherwise open the breakers for everyone.
+LONE_SURROGATE = "\ud800"
+UNENCODABLE = [
+    # (name, path, body, param)
+    ("chat content", "/v1/chat/completions", {"messages": [{"role": "user", "content": f"hi {LONE_SURROGATE}"}]},
+     "messages.0.content"),
+    ("second message", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "\udfff"}]}, "messages.2.content"),
+    ("text part", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": LONE_SURROGATE}]}]}, "messages.0.content"),
+    ("stop string", "/v1/chat/completions", {"messages": FRANCE, "stop": [LONE_SURROGATE]}, "stop"),
+    ("completion prompt", "/v1/completions", {"prompt": f"The capital {LONE_SURROGATE}"}, "prompt"),
+    ("completion stop", "/v1/completions", {"prompt": "x", "stop": LONE_SURROGATE}, "stop"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param", UNENCODABLE, ids=[u[0] for u in UNENCODABLE])
+def test_unencodable_text_is_a_400_naming_the_field(client, name, path, body, param):
+    # json.dumps escapes the surrogate as \ud800, valid JSON that decodes to a str no tokenizer can encode
+    r = client.post(path, content=json.dumps({**body, "max_tokens": 2}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert "Unicode" in error["message"]
+
+
+def test_undecodable_body_bytes_are_a_400_and_the_service_keeps_serving(client):
+    r = client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    for _ in range(3):
+        client.post("/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": "\ud800"}]}),
+                    headers={"content-type": "application/json"})
+    r = client.post("/v1/chat/completions", json={"messages": FRANCE, "temperature": 0, "max_tokens": 12})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]

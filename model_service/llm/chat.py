@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jinja2
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -49,22 +51,46 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
         if not isinstance(content, str):
             raise PromptError(f"messages[{i}].content must be a string or a list of text parts",
                               f"messages.{i}.content")
+        check_encodable(content, f"messages.{i}.content", f"messages[{i}].content")
         out.append({"role": role, "content": content})
     return out
+
+
+def check_encodable(text: str, param: str, name: str | None = None) -> None:
+    """Refuse text the tokenizer cannot take: Python strings may hold lone surrogates ("\\ud800" in JSON),
+    which are not Unicode scalar values, and the Rust tokenizer raises TypeError on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            f"{name or repr(param)} is not valid Unicode text (a lone surrogate at character {exc.start}); "
+            "send UTF-8 text", param) from None
+
+
+# What a tokenizer or chat template raises on input it cannot take. Input errors, not server faults:
+# answering them as 500 would make a gateway count a healthy pod as failing.
+_ENCODING_ERRORS = (TypeError, ValueError, UnicodeError, jinja2.TemplateError)
 
 
 def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError("this model has no chat template; use /v1/completions with a raw prompt", "messages")
-    encoded = tokenizer.apply_chat_template(
-        normalize_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-    )
+    messages = normalize_messages(messages)  # its own errors name the message at fault
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+    except _ENCODING_ERRORS as exc:  # e.g. a template that refuses this order of roles
+        raise PromptError(f"the messages cannot be encoded for this model: {exc}", "messages") from None
     return list(encoded["input_ids"])
 
 
 def encode_completion(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
+        check_encodable(prompt, "prompt")
+        try:
+            ids = tokenizer(prompt)["input_ids"]
+        except _ENCODING_ERRORS as exc:
+            raise PromptError(f"the prompt cannot be encoded for this model: {exc}", "prompt") from None
     else:
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < vocab_size]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .chat import PromptError
+from .chat import PromptError, check_encodable
 from .sampling import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
@@ -78,6 +78,7 @@ def to_sampling_params(
         if not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH:
             raise PromptError(f"each 'stop' sequence must be a non-empty string of at most {MAX_STOP_LENGTH} "
                               "characters", "stop")
+        check_encodable(s, "stop")
 
     room = context_length - prompt_tokens
     if room <= 0:

@@ -287,14 +287,61 @@ class _Gate(grpc.aio.ServerInterceptor):
                                     "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
             behavior = deny
         else:
-            behavior = handler.unary_unary or handler.unary_stream
+            behavior = _refusing_undecodable(handler.unary_unary or handler.unary_stream)
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _logged_unary(method, behavior), handler.request_deserializer, handler.response_serializer)
+                _logged_unary(method, behavior), parse, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _logged_stream(method, behavior), handler.request_deserializer, handler.response_serializer)
+                _logged_stream(method, behavior), parse, handler.response_serializer)
         return handler  # no client-streaming methods in LlmService
+
+
+class _Undecodable:
+    """A request whose bytes did not parse (e.g. a string field that is not UTF-8)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    """grpc answers a request that fails to parse with INTERNAL, a server fault in every client's eyes;
+    it is the caller's error, so the parse error travels to the handler, which answers INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, whatever its module
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _refusing_undecodable(behavior):
+    """``behavior``, answering INVALID_ARGUMENT instead when the request did not parse (after the key check)."""
+
+    async def refuse(request, context) -> None:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request message could not be parsed (string fields must be valid UTF-8): "
+                                f"{request.error}")
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            await refuse(request, context)
+            async for message in behavior(request, context):
+                yield message
+
+        return stream
+
+    async def unary(request, context):
+        await refuse(request, context)
+        return await behavior(request, context)
+
+    return unary
 
 
 def _log_call(method: str, context, started: float, error: BaseException | None) -> None:
