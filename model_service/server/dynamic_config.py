@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("model_service.policy")
 
 FILE_POLL_S = 2.0
+
+# Bounds on the operator's regexes: whoever can publish a policy must not be able to stall the pods.
+MAX_BLOCKED_PATTERNS = 500
+MAX_PATTERN_LENGTH = 500
+# Longest one scan of the blocked patterns may take. Scans run on the event loop that serves every
+# request, so this is also the longest one request can stall the others; a 1 MiB body with 50 plain
+# patterns scans in about 0.1 s on a busy 2-core machine.
+MATCH_TIMEOUT_S = 0.5
+# The load-time screen for patterns that backtrack catastrophically (see _too_slow).
+PROBE_LENGTH = 2000
+PROBE_TIMEOUT_S = 0.2
 
 
 class ContentFiltered(PromptError):
@@ -90,16 +102,48 @@ class Policy(BaseModel):
     @field_validator("blocked_patterns")
     @classmethod
     def _compilable(cls, patterns: list[str]) -> list[str]:
+        if len(patterns) > MAX_BLOCKED_PATTERNS:
+            raise ValueError(f"at most {MAX_BLOCKED_PATTERNS} blocked patterns, got {len(patterns)}")
         for pattern in patterns:
             if not pattern:
                 raise ValueError("blocked patterns must not be empty")
+            if len(pattern) > MAX_PATTERN_LENGTH:
+                raise ValueError(f"blocked pattern {pattern[:40]!r}... is longer than {MAX_PATTERN_LENGTH} characters")
             try:
                 compiled = regex.compile(pattern, regex.IGNORECASE)
             except regex.error as exc:
                 raise ValueError(f"blocked pattern {pattern!r} is not a valid regular expression: {exc}") from None
             if compiled.fullmatch(""):
                 raise ValueError(f"blocked pattern {pattern!r} matches empty text")
+            if _too_slow(compiled, pattern):
+                raise ValueError(f"blocked pattern {pattern!r} backtracks catastrophically (it took over "
+                                 f"{PROBE_TIMEOUT_S} s on a {PROBE_LENGTH}-character probe); rewrite it without "
+                                 "nested or overlapping repetition such as (a|aa)+")
         return patterns
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _encodable(cls, value: str | None) -> str | None:
+        try:
+            if value is not None:
+                value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate would make every chat request fail to encode
+            raise ValueError("system_prompt is not valid Unicode text (it holds a lone surrogate)") from None
+        return value
+
+
+def _too_slow(compiled: regex.Pattern, pattern: str) -> bool:
+    """A cheap load-time screen for catastrophic backtracking: run the pattern over long runs of its own
+    characters, which is what makes ``(a|aa)+$`` or ``(\\w+\\s?)+x`` explode. It catches the common shapes, not
+    all; the per-match timeout (MATCH_TIMEOUT_S) bounds whatever passes."""
+    chars = sorted({c for c in pattern if c.isalnum() or c == " "})[:8] or ["a"]
+    for block in [*chars, "".join(chars), "a ", "a", "1"]:
+        probe = block * (PROBE_LENGTH // len(block)) + "!"
+        try:
+            compiled.search(probe, timeout=PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return True
+    return False
 
 
 def parse_policy(text: str | None) -> Policy:
@@ -123,26 +167,51 @@ def parse_policy(text: str | None) -> Policy:
 
 
 # ---------------------------------------------------------------------------------------- content
+class ScanTimedOut(Exception):
+    """A scan of the blocked patterns ran past MATCH_TIMEOUT_S."""
+
+
 class ContentBlocker:
-    """All blocked patterns as one case-insensitive regex (the ``regex`` module, for partial matches)."""
+    """All blocked patterns as one case-insensitive regex (the ``regex`` module, for partial matches).
+
+    Every scan is bounded by MATCH_TIMEOUT_S. A scan that times out is treated as a match (fail closed):
+    the text was not shown to be clean, and the text that makes a pattern slow is the caller's, so
+    letting it through would be a way around the blocklist. Input is then refused with 400
+    ``content_filter`` (not 5xx: the pod is healthy, and a 5xx would count against it at the gateway);
+    output ends with finish_reason ``content_filter``. Each timeout is logged as a warning so the operator
+    can fix the pattern.
+    """
 
     def __init__(self, patterns: list[str]):
         self.patterns = list(patterns)
         self._re = regex.compile("|".join(f"(?:{p})" for p in patterns), regex.IGNORECASE)
 
+    def _search(self, text: str, pos: int = 0, partial: bool = False) -> regex.Match | None:
+        try:
+            return self._re.search(text, pos, partial=partial, timeout=MATCH_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("a content policy scan timed out; treated as blocked", extra={
+                "timeout_s": MATCH_TIMEOUT_S, "text_chars": len(text) - pos, "blocked_patterns": len(self.patterns)})
+            raise ScanTimedOut from None
+
     def search(self, text: str) -> regex.Match | None:
-        return self._re.search(text)
+        """The first blocked match in ``text``. Raises ScanTimedOut."""
+        return self._search(text)
 
     def scan(self, text: str, pos: int, final: bool) -> tuple[int, bool]:
         """Look for a blocked match in ``text[pos:]`` (earlier text is context for ``\\b``/lookbehind).
 
         Returns ``(cut, blocked)``: when blocked, ``text[:cut]`` is what may still be shown; otherwise
         ``text[:cut]`` is safe to release and the rest must be held back, because it may begin a match.
+        A scan that times out blocks at ``pos``: nothing unchecked is released.
         """
-        if final:
-            m = self._re.search(text, pos)
-            return (m.start(), True) if m else (len(text), False)
-        m = self._re.search(text, pos, partial=True)
+        try:
+            if final:
+                m = self._search(text, pos)
+                return (m.start(), True) if m else (len(text), False)
+            m = self._search(text, pos, partial=True)
+        except ScanTimedOut:
+            return pos, True
         if m is None:
             return len(text), False
         if m.partial or m.end() == len(text):
@@ -219,7 +288,14 @@ class ActivePolicy:
         if self.blocker is None:
             return
         for param, text in texts:
-            if text and self.blocker.search(text):
+            if not text:
+                continue
+            try:
+                blocked = self.blocker.search(text) is not None
+            except ScanTimedOut:  # fail closed, as a 4xx (see ContentBlocker)
+                raise ContentFiltered(f"the request was refused by the content policy: '{param}' could not be "
+                                      "checked in time", param) from None
+            if blocked:
                 raise ContentFiltered(
                     f"the request was refused by the content policy: '{param}' contains blocked content", param)
 
@@ -246,6 +322,20 @@ class ActivePolicy:
 
 
 # ---------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class _Document:
+    """A validated policy and where it came from. ``origin`` is logged, the content never is."""
+
+    policy: Policy
+    origin: dict
+
+
+def _fingerprint(text: str) -> str:
+    # MD5 because the Nacos console and its config history show each version's MD5: an operator can
+    # find the exact version (and, with Nacos auth on, who published it) from the pod's log line.
+    return hashlib.md5(text.encode("utf-8", "surrogatepass")).hexdigest()  # noqa: S324 - an id, not security
+
+
 class DynamicConfig:
     """Keeps ``state.policy`` and the engine's limits in line with the policy sources.
 
@@ -256,8 +346,8 @@ class DynamicConfig:
     def __init__(self, settings: Settings, state: ServiceState):
         self.settings = settings
         self.state = state
-        self._nacos: Policy | None = None
-        self._file: Policy | None = None
+        self._nacos: _Document | None = None
+        self._file: _Document | None = None
         self._file_stamp: tuple[float, int] | None = None
         self._task: asyncio.Task | None = None
         if settings.policy_file:
@@ -265,41 +355,48 @@ class DynamicConfig:
         self._activate("startup")
 
     # -- sources
+    def _nacos_origin(self, text: str | None) -> dict:
+        s = self.settings
+        origin = {"source": "nacos", "namespace": s.nacos_namespace or "public", "group": s.nacos_group,
+                  "data_id": s.nacos_config_data_id}
+        return {**origin, "md5": _fingerprint(text)} if text is not None else origin
+
     def apply_nacos(self, text: str | None) -> bool:
         """A Nacos config document (None or empty: the document was removed). False when refused."""
-        where = f"nacos:{self.settings.nacos_config_data_id}"
         if text is None or not text.strip():
             if self._nacos is None:
                 return True
             self._nacos = None
-            log.info("policy document removed from Nacos; falling back", extra={"source": where})
-            self._activate(where)
+            log.info("policy document removed from Nacos; falling back", extra=self._nacos_origin(None))
+            self._activate("nacos")
             return True
+        origin = self._nacos_origin(text)
         try:
             policy = parse_policy(text)
         except PolicyError as exc:
             log.error("invalid policy document refused; keeping the current policy",
-                      extra={"source": where, "error": str(exc)})
+                      extra={**origin, "error": str(exc)})
             return False
-        if policy == self._nacos:
+        if self._nacos is not None and policy == self._nacos.policy:
             return True
-        self._nacos = policy
-        self._activate(where)
+        self._nacos = _Document(policy, origin)
+        self._activate("nacos")
         return True
 
-    def _read_file(self, strict: bool) -> Policy | None:
+    def _read_file(self, strict: bool) -> _Document | None:
         path = self.settings.policy_file
+        origin = {"source": "file", "path": os.path.abspath(path)}
         try:
             st = os.stat(path)
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             self._file_stamp = (st.st_mtime, st.st_size)
-            return parse_policy(text)
-        except (OSError, PolicyError) as exc:
+            origin["md5"] = _fingerprint(text)
+            return _Document(parse_policy(text), origin)
+        except (OSError, ValueError, PolicyError) as exc:  # ValueError: not UTF-8
             if strict:
                 raise PolicyError(f"policy file {path}: {exc}") from None
-            log.error("invalid policy file refused; keeping the current policy",
-                      extra={"source": f"file:{path}", "error": str(exc)})
+            log.error("invalid policy file refused; keeping the current policy", extra={**origin, "error": str(exc)})
             return self._file
 
     async def _watch_file(self) -> None:
@@ -313,27 +410,24 @@ class DynamicConfig:
                 continue  # being replaced, or gone: keep what we have
             if stamp == self._file_stamp:
                 continue
-            policy = self._read_file(strict=False)
-            if policy != self._file:
-                self._file = policy
-                self._activate(f"file:{path}")
+            document = self._read_file(strict=False)
+            if document is not self._file and (self._file is None or document.policy != self._file.policy):
+                self._file = document
+                self._activate("file")
 
     # -- effect
     def _activate(self, trigger: str) -> None:
-        if self._nacos is not None:
-            policy, source = self._nacos, f"nacos:{self.settings.nacos_config_data_id}"
-        elif self._file is not None:
-            policy, source = self._file, f"file:{self.settings.policy_file}"
-        else:
-            policy, source = Policy(), "none"
-        self.state.policy = ActivePolicy.build(policy, source)
+        document = self._nacos or self._file or _Document(Policy(), {"source": "none"})
+        policy = document.policy
+        self.state.policy = ActivePolicy.build(policy, document.origin["source"])
         self._apply_limits()
-        p = policy
+        # which version is in force and where it came from; a summary of what it sets, never its text
         log.info("policy applied", extra={
-            "source": source, "trigger": trigger, "system_prompt": bool(p.system_prompt),
-            "blocked_patterns": len(p.blocked_patterns),
-            "default_generation": p.default_generation.model_dump(exclude_none=True),
-            "max_running_requests": p.max_running_requests, "max_waiting_requests": p.max_waiting_requests,
+            **document.origin, "trigger": trigger, "system_prompt": bool(policy.system_prompt),
+            "blocked_patterns": len(policy.blocked_patterns),
+            "default_generation": policy.default_generation.model_dump(exclude_none=True),
+            "max_running_requests": policy.max_running_requests,
+            "max_waiting_requests": policy.max_waiting_requests,
         })
 
     def attach(self, engine: Engine) -> None:
