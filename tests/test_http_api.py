@@ -252,3 +252,93 @@ def test_undecodable_body_bytes_are_a_400_and_the_service_keeps_serving(client):
                     headers={"content-type": "application/json"})
     r = client.post("/v1/chat/completions", json={"messages": FRANCE, "temperature": 0, "max_tokens": 12})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------------------- slow clients, headers
+def test_no_server_header(server, client):
+    r = client.get("/v1/models")
+    assert "server" not in r.headers and r.headers["date"]
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory):
+    """A server with short transport timeouts, to watch them act."""
+    from conftest import start_server
+
+    srv = start_server(tmp_path_factory.mktemp("strict"), "--http-read-timeout-s", "2",
+                       "--http-keep-alive-timeout-s", "2")
+    yield srv
+    srv.stop()
+
+
+def _read_until_closed(sock, limit_s: float = 20) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    import time
+
+    started, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data, time.monotonic() - started
+        data += chunk
+
+
+def _connect(srv):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", srv.http_port), timeout=10)
+
+
+def test_slow_clients_are_cut_off(strict_server):
+    import time
+
+    # nothing at all after connecting
+    with _connect(strict_server) as sock:
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and took < 10
+
+    # half the headers, then silence
+    with _connect(strict_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data and took < 10
+
+    # headers trickled a byte at a time: the clock is not reset by each byte
+    with _connect(strict_server) as sock:
+        started = time.monotonic()
+        try:
+            for byte in b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        except OSError:
+            pass  # closed under our feet: what we want
+        data, _ = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 10
+
+    # a body shorter than its Content-Length
+    with _connect(strict_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"messages\": ")
+        data, took = _read_until_closed(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and took < 10
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+    # a chunked body that never ends
+    with _connect(strict_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\n")
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and took < 10
+
+
+def test_idle_keep_alive_is_closed_and_a_normal_request_still_works(strict_server):
+    with _connect(strict_server) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200") and 1 < took < 10  # answered, then closed after 2 s idle
+    assert b"server:" not in data.lower()
+    r = httpx.post(f"{strict_server.base_url}/v1/chat/completions",
+                   json={"messages": FRANCE, "temperature": 0, "max_tokens": 12}, timeout=120)
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]

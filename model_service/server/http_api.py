@@ -68,6 +68,41 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class BodyReadTimeout:
+    """A request body that has not fully arrived ``timeout_s`` after the app began reading it gets 408 and
+    the connection is closed (pure ASGI). A deadline for the whole body, so trickling bytes does not help.
+    The headers' own timeout is in http_server.py."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal deadline, body_done
+            if body_done:  # after the body: waiting for a disconnect, which may take as long as it likes
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                # an HTTPException, because FastAPI turns any other error while reading the body into 400
+                raise StarletteHTTPException(408, f"request body not received within {self.timeout_s:g} s",
+                                             headers={"Connection": "close"}) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 class AccessLog:
     """One structured line per request: method, path, status, latency; never bodies (pure ASGI).
 
@@ -115,6 +150,7 @@ def create_app(state: ServiceState) -> FastAPI:
     settings = state.settings
     app = FastAPI(title="model-service", version=__version__, docs_url="/docs", redoc_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.http_read_timeout_s)
 
     app.add_middleware(AccessLog)
 
@@ -128,8 +164,8 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", None, kind).response()
+        kind = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(exc.status_code, "http_error")
+        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", None, kind, exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

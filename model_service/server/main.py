@@ -18,6 +18,7 @@ from model_service.llm.loader import ModelLoadError, load_model, resolve_model_s
 from .dynamic_config import DynamicConfig, PolicyError
 from .grpc_api import GrpcBindError, GrpcServer
 from .http_api import create_app
+from .http_server import uvicorn_config
 from .logging_setup import configure_logging
 from .nacos import NacosRegistrar
 from .state import Phase, ServiceState
@@ -95,11 +96,7 @@ async def serve(settings: Settings) -> int:
 
     http_sock = bind_socket(settings.host, settings.http_port)
     http_port = http_sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(state), log_config=None, access_log=False, lifespan="off",
-        timeout_keep_alive=30, timeout_graceful_shutdown=5,
-    )
-    http_server = _Uvicorn(config)
+    http_server = _Uvicorn(uvicorn_config(create_app(state), settings))
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]), name="http")
     log.info("http listening", extra={"host": settings.host, "http_port": http_port})
     grpc_server = GrpcServer(state, settings)
