@@ -157,6 +157,10 @@ BAD_REQUESTS = [
     ("messages wrong type", {"messages": "hi"}, 400, "invalid_request_error", "messages"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request_error",
      "messages.0.role"),
+    ("user message without content", {"messages": [{"role": "user"}]}, 400, "invalid_request_error",
+     "messages.0.content"),
+    ("system content null", {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]},
+     400, "invalid_request_error", "messages.0.content"),
     ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "invalid_request_error", "messages.0.content.0"),
     ("temperature wrong type", {"messages": FRANCE, "temperature": "hot"}, 400, "invalid_request_error",
@@ -190,6 +194,17 @@ def test_bad_requests_get_openai_errors(client, name, body, status, etype, param
     assert error["type"] == etype
     assert error["param"] == param
     assert error["message"]
+
+
+def test_missing_content_is_named_like_openai_and_assistant_content_may_be_null(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "missing_required_parameter" and "messages[0].content" in error["message"]
+    r = client.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200, r.text
 
 
 def test_completion_bad_requests(client):

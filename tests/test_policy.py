@@ -16,17 +16,17 @@ import pytest
 from conftest import start_server
 
 from model_service.config import Settings
-from model_service.server import dynamic_config
-from model_service.server.dynamic_config import (
+from model_service.server import policy as policy_module
+from model_service.server.dynamic_config import DynamicConfig
+from model_service.server.policy import (
     ActivePolicy,
     ContentBlocker,
     ContentFiltered,
-    DynamicConfig,
     FilteredStream,
     PolicyError,
     parse_policy,
 )
-from model_service.server.state import ServiceState
+from model_service.server.service import ModelService
 
 # Backtracks exponentially on a run of Greek letters, yet passes the load-time screen, which probes with
 # the pattern's own (Latin) characters: what the per-match timeout is for.
@@ -35,6 +35,35 @@ SLOW_TEXT = "α" * 60 + "!"
 
 
 # ---------------------------------------------------------------------------------------- the document
+def test_parse_policy_validates_the_whole_document():
+    p = parse_policy("system_prompt: Hi\nblocked_patterns: [a+b]\ndefault_generation: {temperature: 0.2}\n")
+    assert p.system_prompt == "Hi" and p.blocked_patterns == ["a+b"] and p.default_generation.temperature == 0.2
+    assert parse_policy("") == parse_policy("# only a comment\n") == parse_policy(None)
+    for bad in ("blocked_patterns: ['(']", "blocked_patterns: ['x*']", "temperature: 1",
+                "default_generation: {top_p: 0}", "max_waiting_requests: -1", "- a list", "a: [1"):
+        with pytest.raises(PolicyError):
+            parse_policy(bad)
+
+
+def test_default_generation_has_the_request_bounds():
+    assert parse_policy("default_generation: {stop: [a, b], top_k: 40}").default_generation.top_k == 40
+    for bad in ("default_generation: {stop: ['']}", "default_generation: {top_k: 2000000}",
+                "default_generation: {seed: 1}", "default_generation: {stop: [a, b, c, d, e]}"):
+        with pytest.raises(PolicyError):
+            parse_policy(bad)
+
+
+def test_invalid_policy_file_is_refused_at_startup(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("max_running_requests: 0\n")
+    settings = Settings(policy_file=str(policy))
+    with pytest.raises(PolicyError, match="max_running_requests"):
+        DynamicConfig(settings, ModelService(settings, "m").apply_policy)
+    policy.write_text("system_prompt: [unclosed\n")
+    with pytest.raises(PolicyError, match="YAML"):
+        DynamicConfig(settings, ModelService(settings, "m").apply_policy)
+
+
 def test_catastrophic_and_absurd_patterns_are_refused_at_load():
     started = time.monotonic()
     with pytest.raises(PolicyError, match="backtracks catastrophically"):
@@ -51,14 +80,37 @@ def test_catastrophic_and_absurd_patterns_are_refused_at_load():
     assert parse_policy(f"blocked_patterns: ['{SLOW_PATTERN}']").blocked_patterns == [SLOW_PATTERN]
 
 
+# ---------------------------------------------------------------------------------------- the stream filter
+def test_output_filter_holds_back_possible_matches_and_cuts_at_a_match():
+    outs, inner = _run(["The capital", " of France is Pa", "ris", ". It is"], ["paris"])
+    assert "".join(o.text for o in outs) == "The capital of France is "
+    assert outs[1].text == " of France is "  # "Pa" held back: it may begin "Paris"
+    assert outs[-1].finish_reason == "content_filter" and inner.cancelled
+    assert all(o.finish_reason is None for o in outs[:-1])
+
+    outs, inner = _run(["Pa", "rty in Pa", "nama"], ["paris"], last_reason="length")
+    assert "".join(o.text for o in outs) == "Party in Panama"
+    assert outs[-1].finish_reason == "length" and not inner.cancelled
+
+    outs, _ = _run(["a cat", "s and dogs"], [r"\bcat\b"])  # "cat" at the end could still become "cats"
+    assert "".join(o.text for o in outs) == "a cats and dogs" and outs[-1].finish_reason == "stop"
+
+    outs, _ = _run(["a cat"], [r"\bcat\b"])  # ...but not once generation ended
+    assert "".join(o.text for o in outs) == "a " and outs[-1].finish_reason == "content_filter"
+
+    started = time.monotonic()
+    outs, _ = _run(["x" * 50] * 200, ["paris"])
+    assert len("".join(o.text for o in outs)) == 10_000 and time.monotonic() - started < 2
+
+
 # ---------------------------------------------------------------------------------------- scan time bound
 @pytest.fixture
 def short_timeout(monkeypatch):
-    monkeypatch.setattr(dynamic_config, "MATCH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(policy_module, "MATCH_TIMEOUT_S", 0.2)
 
 
 def test_an_input_scan_that_times_out_refuses_the_request(short_timeout, caplog):
-    policy = ActivePolicy.build(parse_policy(f"blocked_patterns: ['{SLOW_PATTERN}', paris]"), "test")
+    policy = ActivePolicy.build(parse_policy(f"blocked_patterns: ['{SLOW_PATTERN}', paris]"))
     policy.check_input([("messages.0.content", "α" * 10 + "!")])  # small input: scanned in time, clean
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, "model_service.policy"), pytest.raises(ContentFiltered) as err:
@@ -84,7 +136,7 @@ def test_the_applied_version_is_logged_without_the_content(tmp_path, caplog):
     policy.write_text(text)
     settings = Settings(policy_file=str(policy), nacos_group="TEAM", nacos_namespace="prod")
     with caplog.at_level(logging.INFO, "model_service.policy"):
-        dynamic = DynamicConfig(settings, ServiceState(settings, "m"))
+        dynamic = DynamicConfig(settings, ModelService(settings, "m").apply_policy)
         nacos_text = "blocked_patterns: [otherword]\n"
         assert dynamic.apply_nacos(nacos_text)
         assert not dynamic.apply_nacos("blocked_patterns: ['(']\n")

@@ -42,7 +42,6 @@ class LoadedModel:
     dtype: str
     source: str
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
 
 def _cache_root() -> Path:
