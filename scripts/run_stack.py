@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """`make run`: the whole stack on this machine, no Docker: r-nacos, N model services, the gateway.
 
-    r-nacos        127.0.0.1:8848 (HTTP) / 9848 (gRPC)        data in .run/rnacos (kept between runs)
+    r-nacos        127.0.0.1:8848 (HTTP) / 9848 (gRPC)        data in .run/rnacos (kept between runs), login
+                   127.0.0.1:10848 (console)                   required (accounts in .run/rnacos/accounts.env)
     model-service  127.0.0.1:8000+i (HTTP) / 50051+i (gRPC)   registered in Nacos, internal API key on
-    gateway        127.0.0.1:8080                              finds the pods in Nacos; a development key
+    gateway        127.0.0.1:8080 (API) / 8081 (actuator)      finds the pods in Nacos; a development key
+
+Everything listens on loopback only: this stack is for one machine. r-nacos runs with its open-API auth on:
+the admin account (console, publishing the policy) and a read-only service account that the model services
+and the gateway log in with are generated on the first run (docs/security.md). The gateway routes only to
+instances on loopback addresses.
 
 Prints how to call it, then waits. Ctrl-C (SIGINT) or SIGTERM stops the parts in order: the gateway
 first (no new traffic), then the model services with SIGTERM (they deregister from Nacos and finish
 their running requests), then Nacos. A second Ctrl-C kills what is left at once. When any part fails
 to start or dies later, the others are stopped and the tail of its log is printed.
 
-Options: --replicas N (model services; `make run REPLICAS=2`), ports (--gateway-port, --nacos-port,
---http-port, --grpc-port: the first replica's, +1 per replica), --run-dir; anything after `--` goes to
+Options: --replicas N (model services; `make run REPLICAS=2`), ports (--gateway-port,
+--gateway-management-port, --nacos-port, --http-port, --grpc-port: the first replica's, +1 per replica),
+--run-dir; anything after `--` goes to
 every `python -m model_service serve` (e.g. `-- --model /models/glm-4-9b-chat-hf`). The development key
 is kept in .run/dev-api-key (or set DEV_API_KEY); the internal key between gateway and pods is new on
 every run. Logs: .run/logs/.
@@ -22,6 +29,7 @@ Only the standard library: this runs with the project's virtualenv Python, but i
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import hashlib
 import json
@@ -43,6 +51,8 @@ RNACOS_VERSION = "0.8.8"
 DEFAULT_RNACOS = Path.home() / ".cache" / "model-service" / f"rnacos-{RNACOS_VERSION}" / "bin" / "rnacos"
 GATEWAY_JAR = ROOT / "java-gateway" / "gateway" / "target" / "llm-gateway.jar"
 NACOS_GRPC_OFFSET = 1000  # Nacos 2.x clients dial gRPC at HTTP port + 1000
+NACOS_CONSOLE_OFFSET = 2000  # r-nacos's console (the only place where users are managed): HTTP port + 2000
+LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"  # where the gateway may route (and send the internal key) here
 PR_SET_PDEATHSIG = 1
 
 
@@ -192,6 +202,21 @@ def http(method: str, url: str, data: dict | None = None, headers: dict | None =
         return e.code, e.read().decode(errors="replace")
 
 
+def http_json(method: str, url: str, body: dict, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
+    """A JSON request; returns (status, the parsed answer or {})."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status, text = r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, {}
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -238,35 +263,121 @@ def find_rnacos() -> Path:
     raise StartError(f"r-nacos not found (looked at $RNACOS_BIN, {DEFAULT_RNACOS}, PATH): run `make nacos`")
 
 
+# ---------------------------------------------------------------------------------------- Nacos accounts
+class NacosAccounts:
+    """The r-nacos accounts of this stack, generated with its data folder and kept next to it (0600):
+
+    - the admin (r-nacos's initial user, created from RNACOS_INIT_ADMIN_* when the data folder is new): the
+      console, and publishing the policy document;
+    - a service account with r-nacos's "visitor" role, which the model services and the gateway log in with:
+      it may read configs but not publish them. r-nacos 0.8.8 checks roles only for config writes (its naming
+      API takes any logged-in user), so the same account also registers the pods.
+    """
+
+    SERVICE_USER = "llm-stack"
+
+    def __init__(self, path: Path):
+        self.path = path
+        values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        self.admin_user, self.admin_password = values["NACOS_ADMIN_USERNAME"], values["NACOS_ADMIN_PASSWORD"]
+        self.user, self.password = values["NACOS_USERNAME"], values["NACOS_PASSWORD"]
+
+    @classmethod
+    def for_data(cls, rnacos_dir: Path) -> NacosAccounts:
+        """The accounts of rnacos_dir/data; new ones (and a new data folder) when there are none. A data folder
+        from before auth (its admin is admin/admin) is set aside: its accounts are unknown."""
+        path, data_dir = rnacos_dir / "accounts.env", rnacos_dir / "data"
+        if not path.is_file():
+            if data_dir.exists():
+                aside = rnacos_dir / "data.before-auth"
+                shutil.rmtree(aside, ignore_errors=True)
+                data_dir.rename(aside)
+                print(f"  (r-nacos data without accounts set aside in {rel(aside)}: Nacos now requires a login)",
+                      flush=True)
+            rnacos_dir.mkdir(parents=True, exist_ok=True)
+            text = (f"NACOS_ADMIN_USERNAME=admin\nNACOS_ADMIN_PASSWORD={secrets.token_urlsafe(18)}\n"
+                    f"NACOS_USERNAME={cls.SERVICE_USER}\nNACOS_PASSWORD={secrets.token_urlsafe(18)}\n")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        return cls(path)
+
+    def token(self, port: int, admin: bool = False) -> str | None:
+        """An open-API access token, or None when the login is refused."""
+        user, password = (self.admin_user, self.admin_password) if admin else (self.user, self.password)
+        status, text = http("POST", f"http://127.0.0.1:{port}/nacos/v1/auth/login",
+                            {"username": user, "password": password})
+        return json.loads(text).get("accessToken") if status == 200 else None
+
+    def ensure_service_user(self, console_port: int) -> None:
+        """Create (or reset) the service account through the console API, logged in as the admin."""
+        console = f"http://127.0.0.1:{console_port}/rnacos/api/console/v2"
+        # the console's login form takes the password base64-encoded (AES with a captcha, which is off here)
+        status, text = http("POST", console + "/login/login", {
+            "username": self.admin_user, "password": base64.b64encode(self.admin_password.encode()).decode(),
+            "captcha": ""})
+        body = json.loads(text) if status == 200 else {}
+        if not body.get("success"):
+            raise StartError(f"r-nacos console login as {self.admin_user} failed (HTTP {status} {text[:200]}); "
+                             f"remove {rel(self.path.parent)} to start afresh")
+        session = {"Cookie": f"token={body['data']['token']}"}
+        user = {"username": self.user, "nickname": self.user, "password": self.password, "enable": True,
+                "roles": "2"}  # 2: visitor (read-only on configs)
+        for action in ("add", "update"):  # add overwrites in 0.8.8; update covers a version that refuses
+            status, result = http_json("POST", f"{console}/user/{action}", user, headers=session)
+            if status == 200 and result.get("success"):
+                return
+        raise StartError(f"r-nacos refused to create the service account {self.user}: {result}")
+
+
 # ---------------------------------------------------------------------------------------- the parts
-def start_nacos(args, run_dir: Path, logs: Path, signals: Signals) -> Part:
-    """r-nacos with its data in run_dir/rnacos. r-nacos 0.8.8 can lose a start-up race on a fresh data
-    folder (config writes then never apply): a fresh folder that fails the config round trip is wiped
-    and tried again (tests/nacos_fixtures.py does the same)."""
+def start_nacos(args, run_dir: Path, logs: Path, signals: Signals) -> tuple[Part, NacosAccounts]:
+    """r-nacos with its data in run_dir/rnacos, loopback only, open-API auth on. r-nacos 0.8.8 can lose a
+    start-up race on a fresh data folder (config writes then never apply): a fresh folder that fails the
+    config round trip is wiped and tried again (tests/nacos_fixtures.py does the same)."""
     binary = find_rnacos()
-    data_dir = run_dir / "rnacos" / "data"
+    rnacos_dir = run_dir / "rnacos"
+    data_dir = rnacos_dir / "data"
+    accounts = NacosAccounts.for_data(rnacos_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RNACOS_")}
     env.update({
         "RNACOS_HTTP_PORT": str(args.nacos_port),
         "RNACOS_GRPC_PORT": str(args.nacos_port + NACOS_GRPC_OFFSET),
-        "RNACOS_HTTP_CONSOLE_PORT": "0",  # no separate console
         "RNACOS_SDK_HOST": "127.0.0.1",
+        "RNACOS_HTTP_CONSOLE_PORT": str(args.nacos_port + NACOS_CONSOLE_OFFSET),
+        "RNACOS_CONSOLE_HOST": "127.0.0.1",
+        "RNACOS_CONSOLE_ENABLE_CAPTCHA": "false",  # this script logs in to create the service account
+        "RNACOS_ENABLE_OPEN_API_AUTH": "true",
+        "RNACOS_INIT_ADMIN_USERNAME": accounts.admin_user,  # used when the data folder has no user yet
+        "RNACOS_INIT_ADMIN_PASSWORD": accounts.admin_password,
+        # its raft requests (which skip the user check) need this token
+        "RNACOS_CLUSTER_TOKEN": secrets.token_hex(16),
         "RNACOS_DATA_DIR": str(data_dir),
         "RNACOS_HTTP_WORKERS": "2",
         "RUST_LOG": "warn",
     })
     url = f"http://127.0.0.1:{args.nacos_port}/nacos/v1/cs/configs"
 
+    admin_token: list[str] = []  # logged in once (r-nacos limits logins per minute)
+
     def config_round_trip() -> bool:
+        if not admin_token:
+            token = accounts.token(args.nacos_port, admin=True)
+            if not token:
+                return False
+            admin_token.append(token)
+        token = admin_token[0]
         probe = secrets.token_hex(4)
-        status, text = http("POST", url, {"dataId": "run-stack-probe", "group": "DEFAULT_GROUP", "content": probe})
+        status, text = http("POST", url, {"dataId": "run-stack-probe", "group": "DEFAULT_GROUP", "content": probe,
+                                          "accessToken": token})
         if status != 200 or text.strip() != "true":
             return False
         status, text = http("GET", url + "?" + urllib.parse.urlencode(
-            {"dataId": "run-stack-probe", "group": "DEFAULT_GROUP"}))
+            {"dataId": "run-stack-probe", "group": "DEFAULT_GROUP", "accessToken": token}))
         return status == 200 and text == probe
 
     for attempt in range(5):
+        admin_token.clear()
         fresh = not data_dir.exists()
         # cwd = its own folder: r-nacos reads a .env file from its working directory
         (run_dir / "rnacos").mkdir(parents=True, exist_ok=True)
@@ -274,7 +385,10 @@ def start_nacos(args, run_dir: Path, logs: Path, signals: Signals) -> Part:
         part.start()
         try:
             wait_until("Nacos accepting config writes", config_round_trip, 5 if fresh else 20, [part], signals)
-            return part
+            accounts.ensure_service_user(args.nacos_port + NACOS_CONSOLE_OFFSET)
+            wait_until("the Nacos service account logging in", lambda: accounts.token(args.nacos_port) is not None,
+                       10, [part], signals)
+            return part, accounts
         except Interrupted:
             stop_parts([part], signals)
             raise
@@ -289,9 +403,11 @@ def start_nacos(args, run_dir: Path, logs: Path, signals: Signals) -> Part:
     raise StartError(f"r-nacos did not initialise in 5 attempts; see {rel(logs / 'rnacos.log')}")
 
 
-def model_service_part(i: int, args, internal_key: str, logs: Path) -> Part:
+def model_service_part(i: int, args, internal_key: str, accounts: NacosAccounts, logs: Path) -> Part:
     http_port, grpc_port = args.http_port + i, args.grpc_port + i
-    env = {**os.environ, "MODEL_SERVICE_API_KEY": internal_key, "PYTHONUNBUFFERED": "1"}
+    # secrets through the environment, not argv (which every local user can read)
+    env = {**os.environ, "MODEL_SERVICE_API_KEY": internal_key, "PYTHONUNBUFFERED": "1",
+           "MODEL_SERVICE_NACOS_USERNAME": accounts.user, "MODEL_SERVICE_NACOS_PASSWORD": accounts.password}
     if "MODEL_SERVICE_THREADS" not in os.environ:  # share the cores between the replicas
         env["MODEL_SERVICE_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.replicas))
     cmd = [sys.executable, "-m", "model_service", "serve", "--host", "127.0.0.1",
@@ -301,13 +417,17 @@ def model_service_part(i: int, args, internal_key: str, logs: Path) -> Part:
     return Part(f"model-service-{i}", cmd, logs / f"model-service-{i}.log", env=env, stop_timeout=50)
 
 
-def start_gateway(args, internal_key: str, api_key: str, logs: Path) -> Part:
+def start_gateway(args, internal_key: str, api_key: str, accounts: NacosAccounts, logs: Path) -> Part:
     if not GATEWAY_JAR.is_file():
         raise StartError(f"{rel(GATEWAY_JAR)} is missing: run `make gateway`")
     if not shutil.which("java"):
         raise StartError("java (17+) is not on PATH")
     cmd = ["java", *args.java_opts.split(), "-jar", str(GATEWAY_JAR),
-           f"--server.port={args.gateway_port}",
+           "--server.address=127.0.0.1", f"--server.port={args.gateway_port}",
+           # actuator (health, Prometheus: callers' names, pod addresses) on its own loopback port
+           "--management.server.address=127.0.0.1", f"--management.server.port={args.gateway_management_port}",
+           # route only to (and send the internal key only to) instances on this machine, whatever Nacos lists
+           f"--llm-gateway.upstream.allowed-networks={LOOPBACK_NETWORKS}",
            f"--spring.cloud.nacos.discovery.server-addr=127.0.0.1:{args.nacos_port}",
            "--llm-gateway.api-keys[0].name=dev",
            f"--llm-gateway.api-keys[0].sha256={hashlib.sha256(api_key.encode()).hexdigest()}",
@@ -315,8 +435,11 @@ def start_gateway(args, internal_key: str, api_key: str, logs: Path) -> Part:
            "--llm-gateway.api-keys[0].tokens-per-minute=200000",
            # the gateway does not register itself in Nacos: nothing to wait for after "deregistering" on stop
            "--spring.cloud.nacos.discovery.graceful-shutdown-wait-time=0"]
-    # the internal key through the environment (application.yml reads MODEL_SERVICE_API_KEY), not argv
-    env = {**os.environ, "MODEL_SERVICE_API_KEY": internal_key}
+    # secrets through the environment, not argv: the internal key as application.yml reads it, the Nacos
+    # account under Spring's own names for the properties
+    env = {**os.environ, "MODEL_SERVICE_API_KEY": internal_key,
+           "SPRING_CLOUD_NACOS_DISCOVERY_USERNAME": accounts.user,
+           "SPRING_CLOUD_NACOS_DISCOVERY_PASSWORD": accounts.password}
     return Part("gateway", cmd, logs / "gateway.log", env=env, stop_timeout=35)
 
 
@@ -334,7 +457,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 epilog="Arguments after -- go to every `python -m model_service serve`.")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS") or 1))
     p.add_argument("--gateway-port", type=int, default=8080)
-    p.add_argument("--nacos-port", type=int, default=8848, help="HTTP; its gRPC port is this + 1000")
+    p.add_argument("--gateway-management-port", type=int, default=8081, help="the gateway's actuator")
+    p.add_argument("--nacos-port", type=int, default=8848,
+                   help="HTTP; its gRPC port is this + 1000, its console this + 2000")
     p.add_argument("--http-port", type=int, default=8000, help="first model service; +1 per replica")
     p.add_argument("--grpc-port", type=int, default=50051, help="first model service; +1 per replica")
     p.add_argument("--run-dir", type=Path, default=ROOT / ".run")
@@ -354,8 +479,9 @@ def run(args: argparse.Namespace) -> int:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    ports = {"gateway": args.gateway_port, "Nacos HTTP": args.nacos_port,
-             "Nacos gRPC": args.nacos_port + NACOS_GRPC_OFFSET}
+    ports = {"gateway": args.gateway_port, "gateway management": args.gateway_management_port,
+             "Nacos HTTP": args.nacos_port, "Nacos gRPC": args.nacos_port + NACOS_GRPC_OFFSET,
+             "Nacos console": args.nacos_port + NACOS_CONSOLE_OFFSET}
     for i in range(args.replicas):
         ports[f"model-service-{i} HTTP"] = args.http_port + i
         ports[f"model-service-{i} gRPC"] = args.grpc_port + i
@@ -376,13 +502,13 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         print(f"starting r-nacos on 127.0.0.1:{args.nacos_port} (gRPC {args.nacos_port + NACOS_GRPC_OFFSET}), "
               f"data in {rel(run_dir / 'rnacos')} ...", flush=True)
-        nacos = start_nacos(args, run_dir, logs, signals)
+        nacos, accounts = start_nacos(args, run_dir, logs, signals)
 
         # The first replica alone (its first start may convert the model into the shared cache), then the rest.
         for group in ([0], list(range(1, args.replicas))):
             batch = []
             for i in group:
-                part = model_service_part(i, args, internal_key, logs)
+                part = model_service_part(i, args, internal_key, accounts, logs)
                 print(f"starting {part.name}: HTTP 127.0.0.1:{args.http_port + i}, gRPC 127.0.0.1:{args.grpc_port + i}"
                       f" (log {rel(part.log_path)}) ...", flush=True)
                 pods.append(part.start())
@@ -391,14 +517,16 @@ def run(args: argparse.Namespace) -> int:
                 wait_until(f"{part.name} ready (/health/ready)", lambda i=i: models_ready(args.http_port + i),
                            args.ready_timeout, [nacos, part], signals, interval=0.5)
 
+        token = accounts.token(args.nacos_port)
+
         def listed() -> bool:
             status, text = http("GET", f"http://127.0.0.1:{args.nacos_port}/nacos/v1/ns/instance/list?"
-                                "serviceName=model-service&groupName=DEFAULT_GROUP")
+                                "serviceName=model-service&groupName=DEFAULT_GROUP", headers={"accessToken": token})
             return status == 200 and len(json.loads(text).get("hosts") or []) >= args.replicas
 
         wait_until(f"{args.replicas} model service(s) registered in Nacos", listed, 60, [nacos, *pods], signals)
 
-        gateway = start_gateway(args, internal_key, api_key, logs)
+        gateway = start_gateway(args, internal_key, api_key, accounts, logs)
         print(f"starting the gateway on 127.0.0.1:{args.gateway_port} (log {rel(gateway.log_path)}) ...", flush=True)
         gateway.start()
         models_url = f"http://127.0.0.1:{args.gateway_port}/v1/models"
@@ -406,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
         wait_until("the gateway routing to the model services", lambda: http("GET", models_url, headers=auth)[0] == 200,
                    240, [nacos, *pods, gateway], signals, interval=0.5)
         model = json.loads(http("GET", models_url, headers=auth)[1])["data"][0]["id"]
-        print_banner(args, api_key, model, run_dir, time.monotonic() - t0)
+        print_banner(args, api_key, model, run_dir, accounts, time.monotonic() - t0)
 
         while True:  # watch
             for part in [nacos, *pods, gateway]:
@@ -432,22 +560,24 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def print_banner(args, api_key: str, model: str, run_dir: Path, seconds: float) -> None:
+def print_banner(args, api_key: str, model: str, run_dir: Path, accounts: NacosAccounts, seconds: float) -> None:
     gw = f"http://127.0.0.1:{args.gateway_port}"
     pods = "\n".join(f"  model service {i}   http://127.0.0.1:{args.http_port + i} · gRPC 127.0.0.1:{args.grpc_port + i}"
                      " (internal key only; call through the gateway)" for i in range(args.replicas))
     key_note = "from $DEV_API_KEY" if os.environ.get("DEV_API_KEY") else f"kept in {rel(run_dir / 'dev-api-key')}"
+    nacos = f"http://127.0.0.1:{args.nacos_port}"
     body = json.dumps({"model": model, "stream": True, "max_tokens": 64, "temperature": 0,
                        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     print(f"""
-The stack is up ({seconds:.0f}s). Ctrl-C stops it.
+The stack is up ({seconds:.0f}s), on this machine's loopback only. Ctrl-C stops it.
 
   gateway           {gw}   (OpenAI API under /v1)
   API key           {api_key}   ({key_note})
   model             {model}
+  gateway actuator  http://127.0.0.1:{args.gateway_management_port}/actuator/health · /actuator/prometheus
 {pods}
-  Nacos             127.0.0.1:{args.nacos_port} (gRPC {args.nacos_port + NACOS_GRPC_OFFSET}); instances:
-                    curl 'http://127.0.0.1:{args.nacos_port}/nacos/v1/ns/instance/list?serviceName=model-service'
+  Nacos             {nacos} (gRPC {args.nacos_port + NACOS_GRPC_OFFSET}), login required; accounts in {rel(accounts.path)}
+                    console http://127.0.0.1:{args.nacos_port + NACOS_CONSOLE_OFFSET}/rnacos/ (user {accounts.admin_user})
   logs              {rel(run_dir / 'logs')}/
 
 Stream an answer through the gateway:
@@ -456,6 +586,12 @@ Stream an answer through the gateway:
     -H 'Content-Type: application/json' -d '{body}'
 
 OpenAI SDK: OpenAI(base_url="{gw}/v1", api_key="{api_key}")
+
+Nacos API (e.g. the instances), as the admin:
+
+  . {rel(accounts.path)}; TOKEN=$(curl -s {nacos}/nacos/v1/auth/login -d username=$NACOS_ADMIN_USERNAME \\
+    --data-urlencode password=$NACOS_ADMIN_PASSWORD | sed 's/.*"accessToken":"\\([^"]*\\)".*/\\1/')
+  curl -H "Authorization: Bearer $TOKEN" '{nacos}/nacos/v1/ns/instance/list?serviceName=model-service'
 """, flush=True)
 
 

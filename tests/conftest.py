@@ -175,11 +175,14 @@ def start_pods(tmp_dir: Path, nacos, count: int, *args: str, env: dict | None = 
 
 
 class Gateway:
-    """The gateway jar as a subprocess (stopped by its pid)."""
+    """The gateway jar as a subprocess (stopped by its pid). ``url``: the public port; ``management_url``: the
+    actuator's own port (health, Prometheus)."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, management_port: int):
         self.proc, self.port, self.log_path = proc, port, log_path
         self.url = f"http://127.0.0.1:{port}"
+        self.management_port = management_port
+        self.management_url = f"http://127.0.0.1:{management_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -195,16 +198,18 @@ class Gateway:
 
 
 def start_gateway(tmp_dir: Path, nacos_address: str, internal_key: str, keys: dict[str, tuple[str, int, int]],
-                  *extra_args: str, timeout: float = 120) -> Gateway:
-    """The gateway on a free port, finding pods in Nacos at ``nacos_address``. ``keys``: caller name ->
-    (plain key, requests/min, tokens/min); the gateway gets only their SHA-256. Returns once it routes
+                  *extra_args: str, timeout: float = 120, env: dict | None = None) -> Gateway:
+    """The gateway on a free port (and its actuator on another), finding pods in Nacos at ``nacos_address``.
+    ``keys``: caller name -> (plain key, requests/min, tokens/min); the gateway gets only their SHA-256.
+    ``env``: extra environment (e.g. GATEWAY_UPSTREAM_ALLOWED_NETWORKS). Returns once it routes
     ``GET /v1/models`` (with the first key) to a pod."""
     need_jar(GATEWAY_JAR)
-    port = free_port()
+    port, management_port = free_port(), free_port()
     log_path = tmp_dir / f"gateway-{port}.log"
     args = [
         "java", "-Xmx384m", "-XX:TieredStopAtLevel=1", "-jar", str(GATEWAY_JAR),
-        f"--server.port={port}",
+        f"--server.port={port}", "--server.address=127.0.0.1",
+        f"--management.server.port={management_port}",
         f"--spring.cloud.nacos.discovery.server-addr={nacos_address}",
         f"--llm-gateway.internal-api-key={internal_key}",
     ]
@@ -215,8 +220,8 @@ def start_gateway(tmp_dir: Path, nacos_address: str, internal_key: str, keys: di
     args += list(extra_args)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GATEWAY_LOG_FORMAT": "logstash"})
-    gw = Gateway(proc, port, log_path)
+                                env={**os.environ, "GATEWAY_LOG_FORMAT": "logstash", **(env or {})})
+    gw = Gateway(proc, port, log_path, management_port)
     first_key = next(iter(keys.values()))[0]
     deadline = time.monotonic() + timeout
     try:

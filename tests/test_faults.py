@@ -359,7 +359,7 @@ def test_overload_gives_429s_not_crashes_and_memory_stays_bounded(stack):
 
     # nothing crashed, and all still answer
     assert gw.proc.poll() is None and all(p.proc.poll() is None for p in pods)
-    assert httpx.get(f"{gw.url}/actuator/health", timeout=10).json()["status"] == "UP"
+    assert httpx.get(f"{gw.management_url}/actuator/health", timeout=10).json()["status"] == "UP"
     with httpx.Client(timeout=60) as c:
         assert call(c, gw.url, True, 4).ok and call(c, gw.url, False, 4).ok
     growth = {k: rss_after[k] - rss_before[k] for k in rss_before}

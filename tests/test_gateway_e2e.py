@@ -179,9 +179,9 @@ def test_streamed_usage_is_debited_too(gateway):
 
 
 def test_metrics_and_access_log(gateway):
-    r = httpx.get(f"{gateway.url}/actuator/health", timeout=30)
+    r = httpx.get(f"{gateway.management_url}/actuator/health", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "UP"
-    metrics = httpx.get(f"{gateway.url}/actuator/prometheus", timeout=30).text
+    metrics = httpx.get(f"{gateway.management_url}/actuator/prometheus", timeout=30).text
     assert 'llm_gateway_tokens_total{' in metrics
     assert "llm_gateway_rate_limited_total" in metrics
     assert "spring_cloud_gateway_requests_seconds" in metrics

@@ -1,12 +1,18 @@
 package io.modelservice.gateway;
 
 import java.io.IOException;
+import java.net.URI;
 import java.net.ServerSocket;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
 
+import io.github.resilience4j.circuitbreaker.CircuitBreaker;
+import io.micrometer.core.instrument.MeterRegistry;
 import io.modelservice.gateway.auth.Authenticator;
 import io.modelservice.gateway.route.InstanceBreakers;
 import org.junit.jupiter.api.AfterAll;
@@ -16,6 +22,7 @@ import org.junit.jupiter.params.provider.ValueSource;
 import org.springframework.beans.factory.annotation.Autowired;
 import org.springframework.boot.test.autoconfigure.actuate.observability.AutoConfigureObservability;
 import org.springframework.boot.test.context.SpringBootTest;
+import org.springframework.boot.test.web.server.LocalManagementPort;
 import org.springframework.boot.test.web.server.LocalServerPort;
 import org.springframework.core.ParameterizedTypeReference;
 import org.springframework.http.MediaType;
@@ -37,6 +44,8 @@ class GatewayIntegrationTest {
 
     static final StubModelService GOOD = StubModelService.start("good");
     static final StubModelService FLAKY = StubModelService.start("flaky");
+    /** Registered like a pod, but outside the allowed networks (127.0.0.1/32 here): must never get a request. */
+    static final StubModelService INTRUDER = StubModelService.start("intruder", "127.0.0.2");
     static final int DEAD_PORT = freePort();
 
     @DynamicPropertySource
@@ -47,6 +56,9 @@ class GatewayIntegrationTest {
         r.add(simple + "model-service[0].uri", GOOD::url);
         r.add(simple + "model-service[1].uri", FLAKY::url);
         r.add(simple + "model-service[2].uri", () -> "http://127.0.0.1:" + DEAD_PORT);
+        r.add(simple + "model-service[3].uri", INTRUDER::url);
+        r.add(simple + "model-service[4].uri", () -> "http://localhost:" + GOOD.port());  // a host name: refused
+        r.add("llm-gateway.upstream.allowed-networks", () -> "127.0.0.1/32,::1/128");
         r.add(simple + "down-service[0].uri", () -> "http://127.0.0.1:" + DEAD_PORT);
         r.add(simple + "down-service2[0].uri", () -> "http://127.0.0.1:" + DEAD_PORT);
         r.add("llm-gateway.internal-api-key", () -> "internal-secret");
@@ -64,6 +76,8 @@ class GatewayIntegrationTest {
         key(r, 0, "alice", "sk-alice", 100_000, "");
         key(r, 1, "tiny", "sk-tiny", 10, "");
         key(r, 2, "restricted", "sk-restricted", 100_000, "only-this-model");
+        key(r, 3, "burst", "sk-burst", 300, "");
+        key(r, 4, "leaver", "sk-leaver", 100_000, "");
     }
 
     static void key(DynamicPropertyRegistry r, int i, String name, String key, long tpm, String model) {
@@ -81,10 +95,17 @@ class GatewayIntegrationTest {
     static void stopStubs() {
         GOOD.close();
         FLAKY.close();
+        INTRUDER.close();
     }
 
     @LocalServerPort
     int port;
+
+    @LocalManagementPort
+    int managementPort;
+
+    @Autowired
+    MeterRegistry meters;
 
     @Autowired
     WebTestClient client;
@@ -154,6 +175,107 @@ class GatewayIntegrationTest {
         assertThat(seen.headers().getAll("X-Caller-Id")).containsExactly("alice");
         assertThat(seen.headers().toString()).doesNotContain("sk-alice");
         assertThat(seen.body()).isEqualTo(CHAT);
+    }
+
+    /** Paths that routes would match once decoded or stripped of ';' parameters, while the edge saw another path. */
+    @ParameterizedTest
+    @ValueSource(strings = {"/%761/chat/completions", "/v1/%63hat/completions", "/v1;x/chat/completions",
+            "/__gateway;x/via/model-service", "/%5f_gateway/via/model-service", "/__gateway/via/model-service",
+            "/v1//chat/completions", "/v1/./chat/completions", "/x/../v1/chat/completions",
+            "/v1/../__gateway/via/model-service"})
+    void encodedOrUnnormalisedPathsNeverReachAPod(String path) {
+        int before = GOOD.requests.size() + FLAKY.requests.size();
+        WebTestClient.ResponseSpec response = client.post().uri(URI.create("http://127.0.0.1:" + port + path))
+                .contentType(MediaType.APPLICATION_JSON)
+                .header("Authorization", "Bearer sk-bogus").header("X-Caller-Id", "admin")
+                .bodyValue(CHAT).exchange();
+        response.expectStatus().value(status -> assertThat(status).isIn(400, 401, 404));
+        assertThat(GOOD.requests.size() + FLAKY.requests.size()).isEqualTo(before);
+    }
+
+    @Test
+    void neverSendsAnythingOutsideTheAllowedNetworks() {
+        for (int i = 0; i < 8; i++) {
+            post("sk-alice", i % 2 == 0 ? CHAT : STREAM).expectStatus().isOk();
+        }
+        assertThat(INTRUDER.requests).isEmpty();
+        assertThat(meters.counter("llm_gateway_upstream_refused").count()).isGreaterThan(0);
+    }
+
+    @Test
+    void hidesTheUpstreamServerHeader() {
+        post("sk-alice", CHAT).expectStatus().isOk().expectHeader().doesNotExist("server");
+    }
+
+    /** A plain 500 is about the request, not the pod: not retried, not counted by the pod's breaker. */
+    @Test
+    void aPlain500IsNeitherRetriedNorCountedAsAPodFailure() {
+        breakers.forInstance(InstanceBreakers.key("127.0.0.1", FLAKY.port())).reset();
+        FLAKY.failWith = 500;
+        int flakyBefore = FLAKY.requests.size();
+        int errors = 0;
+        try {
+            for (int i = 0; i < 12; i++) {
+                int status = post("sk-alice", CHAT).returnResult(String.class).getStatus().value();
+                assertThat(status).isIn(200, 500);
+                errors += status == 500 ? 1 : 0;
+            }
+        } finally {
+            FLAKY.failWith = 0;
+        }
+        int flakyRequests = FLAKY.requests.size() - flakyBefore;
+        assertThat(flakyRequests).isGreaterThanOrEqualTo(4);
+        assertThat(errors).isEqualTo(flakyRequests);  // each 500 reached the client once: no retry
+        assertThat(breakers.forInstance(InstanceBreakers.key("127.0.0.1", FLAKY.port())).getState())
+                .isEqualTo(CircuitBreaker.State.CLOSED);
+    }
+
+    @Test
+    void aParallelBurstServesAtMostTheBudgetAndOneRequest() throws Exception {
+        String body = CHAT.replace("\"messages\"", "\"max_tokens\":10,\"messages\"");
+        ExecutorService pool = Executors.newFixedThreadPool(20);
+        List<Future<Integer>> statuses = new ArrayList<>();
+        WebClient web = WebClient.create("http://127.0.0.1:" + port);
+        for (int i = 0; i < 20; i++) {
+            statuses.add(pool.submit(() -> web.post().uri("/v1/chat/completions")
+                    .contentType(MediaType.APPLICATION_JSON).header("Authorization", "Bearer sk-burst")
+                    .bodyValue(body).exchangeToMono(r -> r.releaseBody().thenReturn(r.statusCode().value()))
+                    .block(Duration.ofSeconds(30))));
+        }
+        int served = 0;
+        for (var status : statuses) {
+            int s = status.get();
+            assertThat(s).isIn(200, 429);
+            served += s == 200 ? 1 : 0;
+        }
+        pool.shutdown();
+        // each answer uses 30 tokens; the reservation is ceil(body bytes / 4) + 10 = 33; 300 admit 10 at most
+        assertThat(served).isGreaterThanOrEqualTo(1);
+        assertThat(served * 30).isLessThanOrEqualTo(300 + 30 + 5);  // + one request, + a few seconds of refill
+    }
+
+    @Test
+    void aClientThatLeavesAStreamIsChargedItsPrompt() {
+        String prompt = "word ".repeat(300);
+        String body = STREAM.replace("\"content\":\"hi\"", "\"content\":\"" + prompt + "\"");
+        List<String> first = WebClient.create("http://127.0.0.1:" + port).post()
+                .uri("/v1/chat/completions").contentType(MediaType.APPLICATION_JSON)
+                .header("Authorization", "Bearer sk-leaver").bodyValue(body)
+                .retrieve().bodyToFlux(new ParameterizedTypeReference<ServerSentEvent<String>>() { })
+                .map(ServerSentEvent::data).take(1).collectList().block(Duration.ofSeconds(20));
+        assertThat(first).hasSize(1);
+        long estimate = (body.length() + 3) / 4;
+        long deadline = System.nanoTime() + Duration.ofSeconds(10).toNanos();
+        double billed = 0;
+        while (System.nanoTime() < deadline) {
+            var counter = meters.find("llm_gateway_tokens").tag("caller", "leaver").tag("kind", "prompt").counter();
+            billed = counter == null ? 0 : counter.count();
+            if (billed > 0) {
+                break;
+            }
+            Thread.onSpinWait();
+        }
+        assertThat(billed).isEqualTo((double) estimate);
     }
 
     @Test
@@ -232,12 +354,15 @@ class GatewayIntegrationTest {
     }
 
     @Test
-    void exposesPrometheusMetrics() {
+    void exposesPrometheusMetricsOnTheManagementPortOnly() {
         post("sk-alice", CHAT).expectStatus().isOk();
-        String metrics = client.get().uri("/actuator/prometheus").exchange().expectStatus().isOk()
+        WebTestClient management = WebTestClient.bindToServer().baseUrl("http://127.0.0.1:" + managementPort).build();
+        String metrics = management.get().uri("/actuator/prometheus").exchange().expectStatus().isOk()
                 .expectBody(String.class).returnResult().getResponseBody();
         assertThat(metrics).contains("llm_gateway_tokens_total{").contains("resilience4j_circuitbreaker_state");
-        client.get().uri("/actuator/health").exchange().expectStatus().isOk();
+        management.get().uri("/actuator/health").exchange().expectStatus().isOk();
+        client.get().uri("/actuator/prometheus").exchange().expectStatus().isNotFound();
+        client.get().uri("/actuator/health").exchange().expectStatus().isNotFound();
     }
 
     static int freePort() {

@@ -30,9 +30,12 @@ final class StubModelService implements AutoCloseable {
     volatile int failWith;
     private final DisposableServer server;
 
-    private StubModelService(String name) {
+    private final String host;
+
+    private StubModelService(String name, String host) {
         this.name = name;
-        this.server = HttpServer.create().host("127.0.0.1").port(0)
+        this.host = host;
+        this.server = HttpServer.create().host(host).port(0)
                 .route(routes -> routes
                         .post("/v1/chat/completions", this::chat)
                         .get("/v1/models", (req, res) -> res.header("content-type", "application/json")
@@ -41,7 +44,12 @@ final class StubModelService implements AutoCloseable {
     }
 
     static StubModelService start(String name) {
-        return new StubModelService(name);
+        return new StubModelService(name, "127.0.0.1");
+    }
+
+    /** A stub listening on another loopback address (e.g. 127.0.0.2). */
+    static StubModelService start(String name, String host) {
+        return new StubModelService(name, host);
     }
 
     int port() {
@@ -49,7 +57,7 @@ final class StubModelService implements AutoCloseable {
     }
 
     String url() {
-        return "http://127.0.0.1:" + port();
+        return "http://" + host + ":" + port();
     }
 
     /** The request most recently received by any of the given stubs. */
@@ -97,7 +105,7 @@ final class StubModelService implements AutoCloseable {
                 return res.header("content-type", "text/event-stream").header("cache-control", "no-cache")
                         .sendString(tokens.concatWith(tail)).then();
             }
-            return res.header("content-type", "application/json")
+            return res.header("content-type", "application/json").header("server", "uvicorn")
                     .sendString(Mono.just("{\"id\":\"x\",\"object\":\"chat.completion\",\"model\":\"" + model + "\","
                             + "\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"from "
                             + name + "\"},\"finish_reason\":\"stop\"}],"

@@ -6,7 +6,9 @@ import java.util.List;
 
 import jakarta.validation.Valid;
 import jakarta.validation.constraints.NotBlank;
+import jakarta.validation.constraints.NotEmpty;
 import jakarta.validation.constraints.Pattern;
+import jakarta.validation.constraints.Positive;
 import jakarta.validation.constraints.PositiveOrZero;
 import org.springframework.boot.context.properties.ConfigurationProperties;
 import org.springframework.util.unit.DataSize;
@@ -43,6 +45,15 @@ public class GatewayProperties {
 
     @Valid
     private Resilience resilience = new Resilience();
+
+    @Valid
+    private Upstream upstream = new Upstream();
+
+    @Valid
+    private Budget budget = new Budget();
+
+    @Valid
+    private Edge edge = new Edge();
 
     /** A caller authenticating with {@code Authorization: Bearer <key>}; only the key's SHA-256 is configured. */
     public static class ApiKey {
@@ -159,10 +170,21 @@ public class GatewayProperties {
 
     /** Retries, per-instance and per-route circuit breakers. */
     public static class Resilience {
-        /** Further attempts on another instance after a connect failure or a 5xx, before any byte reached the client. */
+        /** Further attempts on another instance after a connect failure or a retried status, before any byte reached
+         *  the client. */
         @PositiveOrZero
         private int retries = 2;
         private Duration retryBackoff = Duration.ofMillis(50);
+        /** Upstream statuses that say "this pod is unhealthy": retried on another pod and counted as failures by the
+         *  instance breakers. Never a plain 500 or a 4xx: those depend on the request, and retrying or counting
+         *  them would let one caller's bad input open the breakers for everyone. */
+        @NotEmpty
+        private List<Integer> failureStatuses = new ArrayList<>(List.of(502, 503, 504));
+        /** Statuses retried on another pod without counting as a failure: a pod's 429 (its batch and queue are full,
+         *  another pod may have room). */
+        private List<Integer> refusalStatuses = new ArrayList<>(List.of(429));
+        /** Methods retried (the edge holds the body, so a POST can be replayed). */
+        private List<String> retryMethods = new ArrayList<>(List.of("GET", "POST"));
         /** Failure rate (percent) over the window that opens a breaker. */
         private float failureRateThreshold = 50;
         /** Calls in the sliding window of a breaker. */
@@ -172,6 +194,12 @@ public class GatewayProperties {
         /** How long an open breaker stays open before letting trial calls through. */
         private Duration openStateWait = Duration.ofSeconds(15);
 
+        public List<Integer> getFailureStatuses() { return failureStatuses; }
+        public void setFailureStatuses(List<Integer> v) { this.failureStatuses = v; }
+        public List<Integer> getRefusalStatuses() { return refusalStatuses; }
+        public void setRefusalStatuses(List<Integer> v) { this.refusalStatuses = v; }
+        public List<String> getRetryMethods() { return retryMethods; }
+        public void setRetryMethods(List<String> v) { this.retryMethods = v; }
         public int getRetries() { return retries; }
         public void setRetries(int retries) { this.retries = retries; }
         public Duration getRetryBackoff() { return retryBackoff; }
@@ -186,6 +214,61 @@ public class GatewayProperties {
         public void setOpenStateWait(Duration v) { this.openStateWait = v; }
     }
 
+    /** Where the gateway may send requests (and the internal key): model-service instances from Nacos are used
+     *  only when their address is in one of these networks. */
+    public static class Upstream {
+        /** CIDRs ("10.0.0.0/8", "::1/128"); an instance registered with a host name or outside them is dropped. */
+        @NotEmpty
+        private List<String> allowedNetworks = new ArrayList<>(List.of("127.0.0.0/8", "::1/128"));
+
+        public List<String> getAllowedNetworks() { return allowedNetworks; }
+        public void setAllowedNetworks(List<String> v) { this.allowedNetworks = v; }
+    }
+
+    /**
+     * How a request is charged against its caller's token budget: on admission the gateway reserves the prompt
+     * estimate plus the completion cap, and settles to the real usage when the answer ends.
+     */
+    public static class Budget {
+        /** The prompt estimate is the request body's size in bytes divided by this (JSON and chat-template overhead
+         *  included; ~4 bytes per token for English text). */
+        @Positive
+        private int promptBytesPerToken = 4;
+        /** Completion tokens reserved when the request sets no max_tokens: the pods' own default
+         *  (MODEL_SERVICE_DEFAULT_MAX_TOKENS). */
+        @Positive
+        private long defaultMaxTokens = 1024;
+
+        public int getPromptBytesPerToken() { return promptBytesPerToken; }
+        public void setPromptBytesPerToken(int v) { this.promptBytesPerToken = v; }
+        public long getDefaultMaxTokens() { return defaultMaxTokens; }
+        public void setDefaultMaxTokens(long v) { this.defaultMaxTokens = v; }
+    }
+
+    /** Limits on slow clients at the public port (with server.netty.idle-timeout). */
+    public static class Edge {
+        /** Longest time from a connection's opening (or its previous response's end) to a complete request head,
+         *  however the bytes trickle in. */
+        private Duration requestHeadTimeout = Duration.ofSeconds(60);
+        /** Longest silence while reading a request body (a chunked body without its end, a short Content-Length). */
+        private Duration readTimeout = Duration.ofSeconds(30);
+        /** Longest time to read a whole request body. */
+        private Duration requestTimeout = Duration.ofSeconds(60);
+
+        public Duration getRequestHeadTimeout() { return requestHeadTimeout; }
+        public void setRequestHeadTimeout(Duration v) { this.requestHeadTimeout = v; }
+        public Duration getReadTimeout() { return readTimeout; }
+        public void setReadTimeout(Duration v) { this.readTimeout = v; }
+        public Duration getRequestTimeout() { return requestTimeout; }
+        public void setRequestTimeout(Duration v) { this.requestTimeout = v; }
+    }
+
+    public Upstream getUpstream() { return upstream; }
+    public void setUpstream(Upstream upstream) { this.upstream = upstream; }
+    public Budget getBudget() { return budget; }
+    public void setBudget(Budget budget) { this.budget = budget; }
+    public Edge getEdge() { return edge; }
+    public void setEdge(Edge edge) { this.edge = edge; }
     public String getInternalApiKey() { return internalApiKey; }
     public void setInternalApiKey(String v) { this.internalApiKey = v; }
     public String getCallerHeader() { return callerHeader; }

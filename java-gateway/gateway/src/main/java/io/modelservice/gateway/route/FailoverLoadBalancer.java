@@ -21,21 +21,24 @@ import org.springframework.cloud.loadbalancer.core.ServiceInstanceListSupplier;
 import reactor.core.publisher.Mono;
 
 /**
- * Round robin over the healthy instances Nacos lists, that (1) skips instances whose circuit breaker is open and
- * (2) on a retry prefers an instance this request has not tried yet, so a retry goes to another pod.
+ * Round robin over the healthy instances Nacos lists, that (1) ignores instances outside the allowed networks
+ * (anyone who can write to Nacos can register one), (2) skips instances whose circuit breaker is open and
+ * (3) on a retry prefers an instance this request has not tried yet, so a retry goes to another pod.
  */
 public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer {
 
     private final ObjectProvider<ServiceInstanceListSupplier> suppliers;
     private final String serviceId;
     private final InstanceBreakers breakers;
+    private final UpstreamAllowlist allowlist;
     private final AtomicInteger position = new AtomicInteger(ThreadLocalRandom.current().nextInt(1000));
 
     public FailoverLoadBalancer(ObjectProvider<ServiceInstanceListSupplier> suppliers, String serviceId,
-                                InstanceBreakers breakers) {
+                                InstanceBreakers breakers, UpstreamAllowlist allowlist) {
         this.suppliers = suppliers;
         this.serviceId = serviceId;
         this.breakers = breakers;
+        this.allowlist = allowlist;
     }
 
     @Override
@@ -48,7 +51,7 @@ public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer 
     Response<ServiceInstance> pick(List<ServiceInstance> instances, Set<?> tried) {
         List<ServiceInstance> admitted = new ArrayList<>();
         for (ServiceInstance instance : instances) {
-            if (breakers.admits(instance)) {
+            if (allowlist.admits(instance) && breakers.admits(instance)) {
                 admitted.add(instance);
             }
         }

@@ -16,9 +16,10 @@ public class FailoverLoadBalancerConfiguration {
     @Bean
     public ReactorLoadBalancer<ServiceInstance> failoverLoadBalancer(Environment environment,
                                                                      LoadBalancerClientFactory factory,
-                                                                     InstanceBreakers breakers) {
+                                                                     InstanceBreakers breakers,
+                                                                     UpstreamAllowlist allowlist) {
         String name = environment.getProperty(LoadBalancerClientFactory.PROPERTY_NAME);
         return new FailoverLoadBalancer(factory.getLazyProvider(name, ServiceInstanceListSupplier.class), name,
-                breakers);
+                breakers, allowlist);
     }
 }

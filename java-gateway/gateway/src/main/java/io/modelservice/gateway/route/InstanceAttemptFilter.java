@@ -1,11 +1,13 @@
 package io.modelservice.gateway.route;
 
 import java.io.IOException;
+import java.net.URI;
 import java.util.LinkedHashSet;
 import java.util.Set;
 import java.util.concurrent.TimeUnit;
 
 import io.github.resilience4j.circuitbreaker.CircuitBreaker;
+import io.modelservice.gateway.config.GatewayProperties;
 import io.modelservice.gateway.web.GatewayAttributes;
 import io.modelservice.gateway.web.GatewayMetrics;
 import org.springframework.cloud.client.ServiceInstance;
@@ -21,8 +23,11 @@ import reactor.core.publisher.Mono;
 
 /**
  * Runs right after the load balancer picked an instance, for each attempt: records the instance as tried (so a
- * retry picks another) and feeds the instance's circuit breaker with the outcome (connect error or 5xx = failure).
- * The attempt ends when the response headers arrive, before any byte is written to the client.
+ * retry picks another) and feeds the instance's circuit breaker with the outcome: a connect error or one of
+ * {@code resilience.failure-statuses} (502/503/504: "this pod is unhealthy") is a failure; anything else, a plain
+ * 500 and 4xx included, says something about the request, not the pod. Refuses any target outside the allowed
+ * networks (the load balancer already drops those; this holds for any route). The attempt ends when the response
+ * headers arrive, before any byte is written to the client.
  */
 @Component
 public class InstanceAttemptFilter implements GlobalFilter, Ordered {
@@ -31,10 +36,15 @@ public class InstanceAttemptFilter implements GlobalFilter, Ordered {
 
     private final InstanceBreakers breakers;
     private final GatewayMetrics metrics;
+    private final UpstreamAllowlist allowlist;
+    private final Set<Integer> failureStatuses;
 
-    public InstanceAttemptFilter(InstanceBreakers breakers, GatewayMetrics metrics) {
+    public InstanceAttemptFilter(InstanceBreakers breakers, GatewayMetrics metrics, UpstreamAllowlist allowlist,
+                                 GatewayProperties properties) {
         this.breakers = breakers;
         this.metrics = metrics;
+        this.allowlist = allowlist;
+        this.failureStatuses = Set.copyOf(properties.getResilience().getFailureStatuses());
     }
 
     @Override
@@ -44,6 +54,12 @@ public class InstanceAttemptFilter implements GlobalFilter, Ordered {
 
     @Override
     public Mono<Void> filter(ServerWebExchange exchange, GatewayFilterChain chain) {
+        URI target = exchange.getAttribute(ServerWebExchangeUtils.GATEWAY_REQUEST_URL_ATTR);
+        if (target != null && target.getHost() != null && !allowlist.admits(target.getHost(), target.getPort())) {
+            metrics.upstreamAttempt("not_allowed");
+            return Mono.error(new InstanceUnavailableException("upstream " + target.getHost()
+                    + " is outside llm-gateway.upstream.allowed-networks"));
+        }
         Response<ServiceInstance> chosen =
                 exchange.getAttribute(ServerWebExchangeUtils.GATEWAY_LOADBALANCER_RESPONSE_ATTR);
         if (chosen == null || !chosen.hasServer()) {
@@ -67,7 +83,7 @@ public class InstanceAttemptFilter implements GlobalFilter, Ordered {
                 .doOnSuccess(v -> {
                     long took = System.nanoTime() - started;
                     var status = exchange.getResponse().getStatusCode();
-                    if (status != null && status.is5xxServerError()) {
+                    if (status != null && failureStatuses.contains(status.value())) {
                         breaker.onError(took, TimeUnit.NANOSECONDS, new UpstreamStatusException(status.value()));
                         metrics.upstreamAttempt("status_" + status.value());
                     } else {
@@ -89,7 +105,7 @@ public class InstanceAttemptFilter implements GlobalFilter, Ordered {
         }
     }
 
-    /** The failure recorded for a 5xx answer. */
+    /** The failure recorded for an answer that says the pod is unhealthy. */
     public static class UpstreamStatusException extends RuntimeException {
         public UpstreamStatusException(int status) {
             super("upstream answered " + status);

@@ -6,6 +6,7 @@ import java.util.HashSet;
 import java.util.List;
 import java.util.Set;
 import java.util.concurrent.TimeoutException;
+import java.util.stream.Stream;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ObjectNode;
@@ -33,7 +34,8 @@ import static org.springframework.cloud.gateway.support.RouteMetadataUtils.RESPO
 
 /**
  * The routes, from {@code llm-gateway.routes}: {@code /v1/** -> lb://<service>} (instances from Nacos), each with
- * a circuit breaker (fallback: an OpenAI-shaped 503, or another model's route) and retries on another instance.
+ * a circuit breaker (fallback: an OpenAI-shaped 503, or another model's route) and retries on another instance
+ * of what {@code llm-gateway.resilience} lists (connect errors, 502/503/504, a pod's 429).
  * Routes that list models take the requests for those models; a route without models takes the rest.
  */
 @Configuration(proxyBeanMethods = false)
@@ -93,12 +95,19 @@ public class ModelRoutes {
         GatewayFilterSpec spec = f.circuitBreaker(c -> c.setName(route.getId()).setFallbackUri(fallbackUri));
         if (resilience.getRetries() > 0) {
             Duration first = resilience.getRetryBackoff();
-            // 429 too: a pod answers it at once, before any work, when its batch and queue are full; another pod
-            // (the load balancer prefers untried ones) may have room. The client sees the last answer.
+            // Only what says "this pod cannot take it now" is worth another pod: connect errors, the failure
+            // statuses (502/503/504) and the refusal statuses (a pod's 429, answered before any work when its batch
+            // and queue are full; the load balancer prefers untried pods). Never a plain 500 or another 4xx: those
+            // are about the request, and retrying them multiplies one bad request. The client sees the last answer.
+            HttpStatus[] statuses = Stream.concat(resilience.getFailureStatuses().stream(),
+                    resilience.getRefusalStatuses().stream()).distinct().map(HttpStatus::valueOf)
+                    .toArray(HttpStatus[]::new);
+            HttpMethod[] methods = resilience.getRetryMethods().stream().map(HttpMethod::valueOf)
+                    .toArray(HttpMethod[]::new);
             spec = spec.retry(c -> c.setRetries(resilience.getRetries())
-                    .setMethods(HttpMethod.GET, HttpMethod.POST)
-                    .setSeries(HttpStatus.Series.SERVER_ERROR)
-                    .setStatuses(HttpStatus.TOO_MANY_REQUESTS)
+                    .setMethods(methods)
+                    .setSeries()
+                    .setStatuses(statuses)
                     .setExceptions(IOException.class, TimeoutException.class)
                     .setBackoff(first, first.multipliedBy(10), 2, false));
         }

@@ -38,12 +38,13 @@ public class AccessLogFilter implements WebFilter, Ordered {
 
     private static void log(ServerWebExchange exchange, String path, long started, String signal) {
         var status = exchange.getResponse().getStatusCode();
+        Integer answeredStatus = exchange.getAttribute(GatewayAttributes.ANSWERED_STATUS);
         Caller caller = exchange.getAttribute(GatewayAttributes.CALLER);
         Usage usage = exchange.getAttribute(GatewayAttributes.USAGE);
         LoggingEventBuilder event = ACCESS.atInfo()
                 .addKeyValue("method", exchange.getRequest().getMethod().name())
                 .addKeyValue("path", path)
-                .addKeyValue("status", status == null ? 0 : status.value())
+                .addKeyValue("status", answeredStatus != null ? answeredStatus : status == null ? 0 : status.value())
                 .addKeyValue("latency_ms", (System.nanoTime() - started) / 1_000_000);
         if (caller != null) {
             event = event.addKeyValue("caller", caller.name()).addKeyValue("auth", caller.method());

@@ -1,10 +1,5 @@
 package io.modelservice.gateway.web;
 
-import java.nio.charset.StandardCharsets;
-import java.util.List;
-import java.util.concurrent.TimeoutException;
-import java.util.concurrent.atomic.AtomicBoolean;
-
 import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ObjectNode;
@@ -12,32 +7,30 @@ import io.modelservice.gateway.auth.AuthenticationException;
 import io.modelservice.gateway.auth.Authenticator;
 import io.modelservice.gateway.auth.Caller;
 import io.modelservice.gateway.config.GatewayProperties;
-import io.modelservice.gateway.ratelimit.RateLimiter;
-import io.modelservice.gateway.usage.Usage;
-import io.modelservice.gateway.usage.UsageTap;
-import org.reactivestreams.Publisher;
+import io.modelservice.gateway.ratelimit.CallerBudgets;
 import org.springframework.core.Ordered;
 import org.springframework.core.io.buffer.DataBuffer;
 import org.springframework.core.io.buffer.DataBufferLimitException;
 import org.springframework.core.io.buffer.DataBufferUtils;
 import org.springframework.core.io.buffer.DefaultDataBufferFactory;
 import org.springframework.http.HttpHeaders;
-import org.springframework.http.MediaType;
 import org.springframework.http.server.reactive.ServerHttpRequest;
 import org.springframework.http.server.reactive.ServerHttpRequestDecorator;
-import org.springframework.http.server.reactive.ServerHttpResponse;
-import org.springframework.http.server.reactive.ServerHttpResponseDecorator;
 import org.springframework.stereotype.Component;
 import org.springframework.web.server.ServerWebExchange;
 import org.springframework.web.server.WebFilter;
 import org.springframework.web.server.WebFilterChain;
+import io.netty.handler.timeout.ReadTimeoutException;
 import reactor.core.publisher.Flux;
 import reactor.core.publisher.Mono;
+import reactor.core.publisher.SignalType;
 
 /**
- * The edge of {@code /v1/**}, before routing: authenticate the caller, apply its request and token budgets, check
- * the body (size, a JSON object, an allowed model), ask upstream for stream usage, swap the caller's credential
- * for the internal one, and debit the tokens of the answer as it passes.
+ * The edge of {@code /v1/**}, before routing: authenticate the caller, check the body (size, a JSON object, an
+ * allowed model), ask upstream for stream usage, admit the request against the caller's budgets with a token
+ * reservation, and settle that reservation with the tokens of the answer as it passes. Runs after
+ * {@link CanonicalPathFilter}, so the path it looks at is the path the routes match. The upstream credentials are
+ * set as the request leaves ({@code route.UpstreamHeaders}), never here.
  */
 @Component
 public class EdgeFilter implements WebFilter, Ordered {
@@ -45,19 +38,19 @@ public class EdgeFilter implements WebFilter, Ordered {
     public static final int ORDER = Ordered.HIGHEST_PRECEDENCE + 100;
     public static final String INTERNAL_PREFIX = "/__gateway/";
 
-    private static final ObjectMapper JSON = new ObjectMapper();
-
     private final GatewayProperties properties;
     private final Authenticator authenticator;
-    private final RateLimiter rateLimiter;
+    private final CallerBudgets budgets;
     private final GatewayMetrics metrics;
+    private final ObjectMapper json;
 
-    public EdgeFilter(GatewayProperties properties, Authenticator authenticator, RateLimiter rateLimiter,
-                      GatewayMetrics metrics) {
+    public EdgeFilter(GatewayProperties properties, Authenticator authenticator, CallerBudgets budgets,
+                      GatewayMetrics metrics, ObjectMapper json) {
         this.properties = properties;
         this.authenticator = authenticator;
-        this.rateLimiter = rateLimiter;
+        this.budgets = budgets;
         this.metrics = metrics;
+        this.json = json;
     }
 
     @Override
@@ -68,7 +61,7 @@ public class EdgeFilter implements WebFilter, Ordered {
     @Override
     public Mono<Void> filter(ServerWebExchange exchange, WebFilterChain chain) {
         String path = exchange.getRequest().getPath().pathWithinApplication().value();
-        if (path.startsWith(INTERNAL_PREFIX)) {
+        if (path.startsWith(INTERNAL_PREFIX) || path.equals(INTERNAL_PREFIX.substring(0, INTERNAL_PREFIX.length() - 1))) {
             return reject(exchange, OpenAiErrors.notFound(path), "unknown_url");
         }
         if (!path.equals("/v1") && !path.startsWith("/v1/")) {
@@ -84,18 +77,8 @@ public class EdgeFilter implements WebFilter, Ordered {
         }
         exchange.getAttributes().put(GatewayAttributes.CALLER, caller);
 
-        RateLimiter.Decision decision = rateLimiter.admit(caller);
-        if (!decision.allowed()) {
-            metrics.rateLimited(caller, decision.limit());
-            String message = "Rate limit reached for " + caller.name() + " on " + decision.limit() + " per minute ("
-                    + (decision.limit().equals("tokens") ? caller.tokensPerMinute() : caller.requestsPerMinute())
-                    + "). Please try again in " + decision.retryAfterSeconds() + "s.";
-            return reject(exchange, new OpenAiErrors.ApiError(429, message, decision.limit(), null,
-                    "rate_limit_exceeded", decision.retryAfterSeconds()), "rate_limited");
-        }
-
         if (!hasBody(exchange.getRequest())) {
-            return forward(exchange, chain, caller, null, false);
+            return admitAndForward(exchange, chain, caller, null, 0, 0, false);
         }
         long max = properties.getMaxBodySize().toBytes();
         long declared = exchange.getRequest().getHeaders().getContentLength();
@@ -110,15 +93,24 @@ public class EdgeFilter implements WebFilter, Ordered {
                     return bytes;
                 })
                 .defaultIfEmpty(new byte[0])
-                .flatMap(bytes -> checkAndForward(exchange, chain, caller, bytes))
+                .flatMap(bytes -> OpenAiErrors.answeredByServer(exchange)
+                        // Reactor Netty could not decode the body (a broken chunked encoding) and has already
+                        // answered 400 and closed: record that, add nothing.
+                        ? OpenAiErrors.write(exchange, OpenAiErrors.badRequest("The request body is malformed.",
+                                "malformed_request")).doOnSubscribe(s -> metrics.rejected("malformed_request"))
+                        : checkAndForward(exchange, chain, caller, bytes))
                 .onErrorResume(DataBufferLimitException.class,
-                        e -> reject(exchange, OpenAiErrors.tooLarge(max), "too_large"));
+                        e -> reject(exchange, OpenAiErrors.tooLarge(max), "too_large"))
+                // llm-gateway.edge.read-timeout / request-timeout: a client that stopped sending its body
+                .onErrorResume(e -> OpenAiErrorHandler.rootCause(e) instanceof ReadTimeoutException,
+                        e -> reject(exchange, OpenAiErrors.ApiError.of(408, "The request body did not arrive in time.",
+                                "invalid_request_error", "request_timeout"), "request_timeout"));
     }
 
     private Mono<Void> checkAndForward(ServerWebExchange exchange, WebFilterChain chain, Caller caller, byte[] bytes) {
         JsonNode node;
         try {
-            node = JSON.readTree(bytes);
+            node = json.readTree(bytes);
         } catch (Exception e) {
             return reject(exchange, OpenAiErrors.badRequest("The request body is not valid JSON.", "invalid_json"),
                     "invalid_json");
@@ -138,6 +130,8 @@ public class EdgeFilter implements WebFilter, Ordered {
                     + " may not use the model '" + model + "'.", "invalid_request_error", "model",
                     "model_not_allowed", 0), "model_not_allowed");
         }
+        long promptEstimate = promptEstimate(bytes.length);
+        long reserved = promptEstimate + completionCap(body);
         boolean stream = body.path("stream").asBoolean(false);
         boolean injectedUsage = false;
         if (stream) {
@@ -151,7 +145,7 @@ public class EdgeFilter implements WebFilter, Ordered {
             }
             if (injectedUsage) {
                 try {
-                    bytes = JSON.writeValueAsBytes(body);
+                    bytes = json.writeValueAsBytes(body);
                 } catch (Exception e) {
                     return Mono.error(e);
                 }
@@ -159,18 +153,41 @@ public class EdgeFilter implements WebFilter, Ordered {
         }
         exchange.getAttributes().put(GatewayAttributes.STREAM, stream);
         exchange.getAttributes().put(GatewayAttributes.BODY, bytes);
-        return forward(exchange, chain, caller, bytes, injectedUsage);
+        return admitAndForward(exchange, chain, caller, bytes, promptEstimate, reserved, injectedUsage);
     }
 
-    private Mono<Void> forward(ServerWebExchange exchange, WebFilterChain chain, Caller caller, byte[] body,
-                               boolean injectedUsage) {
-        ServerHttpRequest request = withBody(exchange.getRequest().mutate().headers(headers -> {
-            headers.remove(HttpHeaders.AUTHORIZATION);
-            headers.remove(properties.getCallerHeader());
-            if (!properties.getInternalApiKey().isBlank()) {
-                headers.setBearerAuth(properties.getInternalApiKey());
+    /** Prompt tokens estimated from the body's size: {@code budget.prompt-bytes-per-token} bytes per token. */
+    long promptEstimate(long bodyBytes) {
+        int perToken = properties.getBudget().getPromptBytesPerToken();
+        return (bodyBytes + perToken - 1) / perToken;
+    }
+
+    /** The most completion tokens the request may produce: its max_completion_tokens / max_tokens, else the pods'
+     *  default ({@code budget.default-max-tokens}). */
+    long completionCap(ObjectNode body) {
+        for (String field : new String[] {"max_completion_tokens", "max_tokens"}) {
+            JsonNode value = body.get(field);
+            if (value != null && value.canConvertToLong() && value.asLong() >= 0) {
+                return value.asLong();
             }
-            headers.set(properties.getCallerHeader(), caller.name());
+        }
+        return properties.getBudget().getDefaultMaxTokens();
+    }
+
+    private Mono<Void> admitAndForward(ServerWebExchange exchange, WebFilterChain chain, Caller caller, byte[] body,
+                                       long promptEstimate, long reserved, boolean injectedUsage) {
+        CallerBudgets.Decision decision = budgets.admit(caller, reserved);
+        if (!decision.allowed()) {
+            metrics.rateLimited(caller, decision.limit());
+            String message = "Rate limit reached for " + caller.name() + " on " + decision.limit() + " per minute ("
+                    + (decision.limit().equals("tokens") ? caller.tokensPerMinute() : caller.requestsPerMinute())
+                    + "). Please try again in " + decision.retryAfterSeconds() + "s.";
+            return reject(exchange, new OpenAiErrors.ApiError(429, message, decision.limit(), null,
+                    "rate_limit_exceeded", decision.retryAfterSeconds()), "rate_limited");
+        }
+        TokenReservation reservation = new TokenReservation(caller, promptEstimate, reserved, budgets, metrics,
+                exchange);
+        ServerHttpRequest request = withBody(exchange.getRequest().mutate().headers(headers -> {
             if (body != null) {
                 headers.remove(HttpHeaders.TRANSFER_ENCODING);
                 headers.setContentLength(body.length);
@@ -178,9 +195,10 @@ public class EdgeFilter implements WebFilter, Ordered {
         }).build(), body);
         ServerWebExchange mutated = exchange.mutate()
                 .request(request)
-                .response(new UsageDebitingResponse(exchange, caller, injectedUsage))
+                .response(new UsageSettlingResponse(exchange.getResponse(), reservation, injectedUsage,
+                        properties.getStreamIdleTimeout()))
                 .build();
-        return chain.filter(mutated);
+        return chain.filter(mutated).doFinally(signal -> reservation.settleAtEnd(signal == SignalType.CANCEL));
     }
 
     /** A request whose body is the given bytes, replayable: every subscription gets a fresh buffer (retries). */
@@ -204,90 +222,5 @@ public class EdgeFilter implements WebFilter, Ordered {
     private Mono<Void> reject(ServerWebExchange exchange, OpenAiErrors.ApiError error, String reason) {
         metrics.rejected(reason);
         return OpenAiErrors.write(exchange, error);
-    }
-
-    /** Passes the answer through, reading its usage, and debits the caller's token budget when it ends. */
-    private final class UsageDebitingResponse extends ServerHttpResponseDecorator {
-        private final ServerWebExchange exchange;
-        private final Caller caller;
-        private final boolean injectedUsage;
-        private final AtomicBoolean debited = new AtomicBoolean();
-
-        UsageDebitingResponse(ServerWebExchange exchange, Caller caller, boolean injectedUsage) {
-            super(exchange.getResponse());
-            this.exchange = exchange;
-            this.caller = caller;
-            this.injectedUsage = injectedUsage;
-        }
-
-        private boolean tapped() {
-            // Only successful model answers carry usage; errors (ours or upstream's) pass as they are.
-            var status = getStatusCode();
-            MediaType type = getHeaders().getContentType();
-            return status != null && status.is2xxSuccessful() && type != null
-                    && (MediaType.TEXT_EVENT_STREAM.isCompatibleWith(type)
-                        || MediaType.APPLICATION_JSON.isCompatibleWith(type));
-        }
-
-        private boolean isSse() {
-            MediaType type = getHeaders().getContentType();
-            return type != null && MediaType.TEXT_EVENT_STREAM.isCompatibleWith(type);
-        }
-
-        @Override
-        public Mono<Void> writeWith(Publisher<? extends DataBuffer> body) {
-            if (!tapped()) {
-                return super.writeWith(body);
-            }
-            return super.writeWith(tap(Flux.from(body)));
-        }
-
-        @Override
-        public Mono<Void> writeAndFlushWith(Publisher<? extends Publisher<? extends DataBuffer>> body) {
-            if (!tapped()) {
-                return super.writeAndFlushWith(body);
-            }
-            Flux<DataBuffer> flat = Flux.from(body).concatMap(Flux::from);
-            return super.writeAndFlushWith(tap(flat).map(Flux::just));
-        }
-
-        private Flux<DataBuffer> tap(Flux<? extends DataBuffer> body) {
-            boolean sse = isSse();
-            UsageTap tap = new UsageTap(sse, sse && injectedUsage);
-            ServerHttpResponse delegate = getDelegate();
-            Flux<DataBuffer> source = Flux.from(body).map(b -> (DataBuffer) b);
-            if (sse) {
-                source = source.timeout(properties.getStreamIdleTimeout())
-                        .onErrorResume(TimeoutException.class, e -> Flux.just(delegate.bufferFactory().wrap((
-                                "data: " + new String(OpenAiErrors.ApiError.of(504, "The model stopped sending for "
-                                        + properties.getStreamIdleTimeout().toSeconds() + "s.", "timeout_error",
-                                        "stream_idle_timeout").body(), StandardCharsets.UTF_8)
-                                        + "\n\n").getBytes(StandardCharsets.UTF_8))));
-            }
-            // Debit as soon as the real usage is known, before the bytes that follow it (a stream's [DONE], a held
-            // JSON answer) go out: a client that sends its next request the moment this answer ends must already
-            // see its budget spent. doFinally covers answers cut short or without usage (an estimate).
-            return source
-                    .concatMapIterable(buffer -> debitIfReported(tap, tap.onBuffer(buffer, delegate.bufferFactory())))
-                    .concatWith(Flux.defer(() -> Flux.fromIterable(
-                            debitIfReported(tap, tap.onComplete(delegate.bufferFactory())))))
-                    .doFinally(signal -> debit(tap.usage()));
-        }
-
-        private List<DataBuffer> debitIfReported(UsageTap tap, List<DataBuffer> out) {
-            if (tap.usageReported()) {
-                debit(tap.usage());
-            }
-            return out;
-        }
-
-        private void debit(Usage usage) {
-            if (!debited.compareAndSet(false, true)) {
-                return;
-            }
-            exchange.getAttributes().put(GatewayAttributes.USAGE, usage);
-            rateLimiter.debitTokens(caller, usage.totalTokens());
-            metrics.tokens(caller, (String) exchange.getAttributes().get(GatewayAttributes.MODEL), usage);
-        }
     }
 }

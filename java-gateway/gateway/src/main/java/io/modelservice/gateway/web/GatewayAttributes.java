@@ -13,6 +13,8 @@ public final class GatewayAttributes {
     public static final String ORIGINAL_PATH = P + "originalPath";
     public static final String USAGE = P + "usage";
     public static final String ERROR_CODE = P + "errorCode";
+    /** The status of an answer the HTTP server sent itself (a body it could not decode), for the access log. */
+    public static final String ANSWERED_STATUS = P + "answeredStatus";
     /** Set of "host:port" instances already tried by this request. */
     public static final String TRIED_INSTANCES = P + "triedInstances";
     /** The instance that answered (last attempt). */

@@ -10,6 +10,7 @@ import org.springframework.core.io.buffer.DataBuffer;
 import org.springframework.http.HttpStatusCode;
 import org.springframework.http.MediaType;
 import org.springframework.http.server.reactive.ServerHttpResponse;
+import org.springframework.http.server.reactive.ServerHttpResponseDecorator;
 import org.springframework.web.server.ServerWebExchange;
 import reactor.core.publisher.Mono;
 
@@ -68,6 +69,19 @@ public final class OpenAiErrors {
         return ApiError.of(503, message, "server_error", "service_unavailable").retryAfter(retryAfter);
     }
 
+    /** Whether the HTTP server already sent this request's response head itself, outside the application (Reactor
+     *  Netty does for a request it could not decode). */
+    public static boolean answeredByServer(ServerWebExchange exchange) {
+        Object nativeResponse;
+        try {
+            nativeResponse = ServerHttpResponseDecorator.getNativeResponse(exchange.getResponse());
+        } catch (IllegalArgumentException | IllegalStateException notNetty) {  // not Reactor Netty (a mock)
+            return false;
+        }
+        return nativeResponse instanceof reactor.netty.http.server.HttpServerResponse r && r.hasSentHeaders()
+                && !exchange.getResponse().isCommitted();
+    }
+
     /** Writes the error as the whole response (if nothing was sent yet). */
     public static Mono<Void> write(ServerWebExchange exchange, ApiError error) {
         ServerHttpResponse response = exchange.getResponse();
@@ -75,6 +89,12 @@ public final class OpenAiErrors {
             return Mono.empty();
         }
         exchange.getAttributes().put(GatewayAttributes.ERROR_CODE, error.code());
+        if (answeredByServer(exchange)) {
+            // The server answered this request itself (Reactor Netty: 400 for a body it could not decode) and
+            // closes the connection; writing again would fail as a 500. Log the error the client got.
+            exchange.getAttributes().put(GatewayAttributes.ANSWERED_STATUS, error.status());
+            return Mono.empty();
+        }
         response.setStatusCode(HttpStatusCode.valueOf(error.status()));
         response.getHeaders().setContentType(MediaType.APPLICATION_JSON);
         if (error.status() == 401) {

@@ -8,31 +8,33 @@ import io.modelservice.gateway.auth.Caller;
 
 /**
  * Token buckets in this process: each budget refills continuously at (limit / 60) per second up to the limit.
- * The token bucket may go negative after a debit; it admits again once it has refilled above zero.
+ * The token bucket goes negative when a reservation or a settlement exceeds what is left; it admits again once it
+ * has refilled above zero.
  */
-public class InMemoryRateLimiter implements RateLimiter {
+public class InMemoryCallerBudgets implements CallerBudgets {
 
     private static final long NANOS_PER_SECOND = 1_000_000_000L;
 
     private final LongSupplier nanoClock;
     private final Map<String, Bucket> buckets = new ConcurrentHashMap<>();
 
-    public InMemoryRateLimiter() {
+    public InMemoryCallerBudgets() {
         this(System::nanoTime);
     }
 
-    public InMemoryRateLimiter(LongSupplier nanoClock) {
+    public InMemoryCallerBudgets(LongSupplier nanoClock) {
         this.nanoClock = nanoClock;
     }
 
     @Override
-    public Decision admit(Caller caller) {
+    public Decision admit(Caller caller, long reservedTokens) {
         long now = nanoClock.getAsLong();
         Bucket tokens = caller.tokensPerMinute() > 0 ? bucket(caller, "tokens", caller.tokensPerMinute(), now) : null;
         Bucket requests = caller.requestsPerMinute() > 0
                 ? bucket(caller, "requests", caller.requestsPerMinute(), now) : null;
         if (tokens != null) {
-            long wait = tokens.secondsUntilAbove(0, now);
+            // check and reserve in one step, so that parallel admissions see each other's reservations
+            long wait = tokens.reserveIfPositive(Math.max(0, reservedTokens), now);
             if (wait > 0) {
                 return Decision.refused("tokens", wait);
             }
@@ -40,6 +42,9 @@ public class InMemoryRateLimiter implements RateLimiter {
         if (requests != null) {
             long wait = requests.tryTake(1, now);
             if (wait > 0) {
+                if (tokens != null) {
+                    tokens.add(Math.max(0, reservedTokens), now);  // not admitted: give the reservation back
+                }
                 return Decision.refused("requests", wait);
             }
         }
@@ -47,12 +52,12 @@ public class InMemoryRateLimiter implements RateLimiter {
     }
 
     @Override
-    public void debitTokens(Caller caller, long tokens) {
-        if (caller.tokensPerMinute() <= 0 || tokens <= 0) {
+    public void settle(Caller caller, long reservedTokens, long usedTokens) {
+        if (caller.tokensPerMinute() <= 0 || reservedTokens == usedTokens) {
             return;
         }
         long now = nanoClock.getAsLong();
-        bucket(caller, "tokens", caller.tokensPerMinute(), now).debit(tokens, now);
+        bucket(caller, "tokens", caller.tokensPerMinute(), now).add(reservedTokens - usedTokens, now);
     }
 
     /** The current level of a caller's budget (for tests and diagnostics). */
@@ -91,7 +96,7 @@ public class InMemoryRateLimiter implements RateLimiter {
             }
         }
 
-        /** Takes n if available; otherwise 0 is not returned but the seconds to wait. */
+        /** Takes n if available; otherwise takes nothing and returns the seconds to wait (0 when taken). */
         synchronized long tryTake(double n, long now) {
             refill(now);
             if (level >= n) {
@@ -101,14 +106,20 @@ public class InMemoryRateLimiter implements RateLimiter {
             return secondsFor(n - level);
         }
 
-        synchronized long secondsUntilAbove(double threshold, long now) {
+        /** Takes n (possibly going negative) if the level is above zero; otherwise the seconds until it is. */
+        synchronized long reserveIfPositive(double n, long now) {
             refill(now);
-            return level > threshold ? 0 : secondsFor(threshold - level + 1e-9);
+            if (level > 0) {
+                level -= n;
+                return 0;
+            }
+            return secondsFor(-level + 1e-9);
         }
 
-        synchronized void debit(double n, long now) {
+        /** Adds n (negative: takes), never above the capacity. */
+        synchronized void add(double n, long now) {
             refill(now);
-            level -= n;
+            level = Math.min(capacity, level + n);
         }
 
         private long secondsFor(double missing) {
