@@ -222,7 +222,7 @@ def test_encoded_paths_never_reach_the_pod(gateway, pod, path):
 
 # ---------------------------------------------------------------------------------------- 3. breakers
 def test_bad_requests_open_no_breaker(gateway, pod):
-    """Requests the pod refuses (4xx) or fails on (a lone surrogate: 500 until the pod answers 400) are not
+    """Requests the pod refuses (400: a lone surrogate it cannot encode, a value out of range) are not
     retried and not counted against the pod: the next normal request succeeds."""
     lone_surrogate = (b'{"model":"' + MODEL.encode() + b'","max_tokens":2,'
                       b'"messages":[{"role":"user","content":"\\ud800"}]}')
@@ -233,7 +233,7 @@ def test_bad_requests_open_no_breaker(gateway, pod):
         r = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, timeout=120,
                        headers={**auth(), "Content-Type": "application/json"})
         statuses.append(r.status_code)
-    assert all(s in (400, 422, 500) for s in statuses), statuses
+    assert statuses == [400] * 8, statuses
     assert 503 not in statuses
     text = prometheus(gateway)
     # one attempt per request: nothing was retried
@@ -370,7 +370,7 @@ def test_actuator_is_only_on_the_management_port(gateway):
 
 def test_the_pods_server_header_does_not_reach_clients(gateway, pod):
     direct = httpx.get(f"{pod.base_url}/v1/models", timeout=30)
-    assert direct.headers.get("server") == "uvicorn"  # what would leak
+    assert "server" not in direct.headers, dict(direct.headers)  # the pod sends none (uvicorn server_header off)
     r = httpx.get(f"{gateway.url}/v1/models", headers=auth(), timeout=30)
     assert r.status_code == 200 and "server" not in r.headers, dict(r.headers)
 
