@@ -132,7 +132,7 @@ CHATGLM3_WEATHER_JSON = (
 def test_chatglm3_tools_and_tool_turns_render_as_build_chat_input_does():
     text = render_chatglm3(normalize_messages(ROUND_TRIP), parse_tool_request([WEATHER], "required"))
     assert text == (
-        "[gMASK]sop<|system|>\n Answer the following questions as best as you can. You have access to the "
+        "[gMASK]<sop><|system|>\n Answer the following questions as best as you can. You have access to the "
         "following tools:\n" + CHATGLM3_WEATHER_JSON
         + "<|system|>\n Answer briefly."
         + "<|user|>\n Weather in Paris?"
@@ -148,13 +148,14 @@ def test_chatglm3_text_form_tokenizes_to_the_official_build_chat_input_ids():
     sp = spm.SentencePieceProcessor(model_file=str(FIXTURES / "chatglm3-tiny" / "tokenizer.model"))
     golden = json.loads((FIXTURES / "golden.json").read_text())["fixtures"]["chatglm3-tiny"]
     special = {k: v for k, v in golden["special_token_ids"].items() if k not in ("<unk>", "<s>", "</s>")}
+    special["<sop>"] = special.pop("sop")  # the converted tokenizer's spelling of it
 
     def official(history: list[dict], query: str, role: str) -> list[int]:
         # tokenization_chatglm.py: get_prefix_tokens + build_single_message per item + <|assistant|>
         def single(role, metadata, message):
             return [special[f"<|{role}|>"]] + sp.encode(f"{metadata}\n") + sp.encode(message)
 
-        ids = [special["[gMASK]"], special["sop"]]
+        ids = [special["[gMASK]"], special["<sop>"]]
         for item in history:
             content = item["content"]
             if item["role"] == "system" and "tools" in item:
@@ -354,3 +355,52 @@ def test_a_glm4_template_without_tool_support_is_refused():
 
 def test_tool_request_defaults():
     assert not ToolRequest().active
+
+
+# ---------------------------------------------------------------------------- through the converted tokenizers
+def _converted_tokenizer(folder: str):
+    from model_service.llm.chatglm_convert import build_tokenizer, detect_family
+
+    directory = FIXTURES / folder
+    config = json.loads((directory / "config.json").read_text())
+    return build_tokenizer(directory, detect_family(directory, config), config)[0]
+
+
+@pytest.mark.parametrize("folder", ["chatglm3-tiny", "chatglm3-tiny-notemplate"])
+def test_chatglm3_tool_prompt_ids_are_the_official_ones(folder):
+    """What the server feeds ChatGLM3: the ids the official build_chat_input builds, special tokens at their
+    official ids, the answer's turns split at the official <|assistant|> id."""
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(FIXTURES / folder / "tokenizer.model"))
+    special = json.loads((FIXTURES / "golden.json").read_text())["fixtures"]["chatglm3-tiny"]["special_token_ids"]
+
+    def single(role, metadata, message):  # tokenization_chatglm.py build_single_message
+        return [special[f"<|{role}|>"]] + sp.encode(f"{metadata}\n") + sp.encode(message)
+
+    tools_json = json.dumps([WEATHER["function"]], indent=4, ensure_ascii=False)
+    official = ([special["[gMASK]"], special["sop"]]
+                + single("system", "", "Answer the following questions as best as you can. You have access to "
+                         "the following tools:\n" + tools_json)
+                + single("system", "", "Answer briefly.") + single("user", "", "Weather in Paris?")
+                + single("assistant", "get_weather", '```python\ntool_call(city="Paris")\n```')
+                + single("observation", "", '{"temperature": 22}') + [special["<|assistant|>"]])
+    prompt = encode_chat_prompt(_converted_tokenizer(folder), CHATGLM3, "GlmForCausalLM",
+                                normalize_messages(ROUND_TRIP), parse_tool_request([WEATHER], None))
+    assert prompt.ids == official
+    assert prompt.turn_token_id == special["<|assistant|>"] and prompt.parser is not None
+    named = encode_chat_prompt(_converted_tokenizer(folder), CHATGLM3, "GlmForCausalLM",
+                               normalize_messages(ROUND_TRIP[:2]),
+                               parse_tool_request([WEATHER], {"type": "function", "function": {"name": "get_weather"}}))
+    assert named.ids[-1 - len(sp.encode("get_weather\n")):] == [special["<|assistant|>"]] + sp.encode("get_weather\n")
+
+
+def test_glm4_tool_prompt_goes_through_the_checkpoints_own_template():
+    tokenizer = _converted_tokenizer("glm4-chat-tiny")
+    prompt = encode_chat_prompt(tokenizer, GLM4, "GlmForCausalLM", normalize_messages(ROUND_TRIP),
+                                parse_tool_request([WEATHER, TIME], None))
+    expected_text = _render_glm4(ROUND_TRIP, parse_tool_request([WEATHER, TIME], None))
+    assert prompt.ids == tokenizer(expected_text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(prompt.ids) == expected_text
+    ids = json.loads((FIXTURES / "golden.json").read_text())["fixtures"]["glm4-chat-tiny"]["special_token_ids"]
+    assert prompt.ids[:3] == [ids["[gMASK]"], ids["<sop>"], ids["<|system|>"]]
+    assert prompt.ids.count(ids["<|observation|>"]) == 1 and prompt.turn_token_id == ids["<|assistant|>"]

@@ -45,6 +45,9 @@ TOOL_FAMILIES = (CHATGLM3, GLM4)
 CHATGLM3_TOOL_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 # The token both families start every turn of the assistant with: a call or text after another turn.
 TURN_TOKEN = "<|assistant|>"
+# ChatGLM3's prompt prefix ([gMASK] sop) as the converted tokenizer spells it (chatglm_convert.py registers
+# "sop" as "<sop>", so that the word "sop" in a user's text stays text).
+CHATGLM3_PREFIX = "[gMASK]<sop>"
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -193,7 +196,7 @@ def render_chatglm3(messages: Sequence[dict], request: ToolRequest | None) -> st
                               chatglm3_call_body(call["function"]["arguments"])))
         else:
             turns.append((role, "", content))
-    text = "[gMASK]sop"
+    text = CHATGLM3_PREFIX
     for role, metadata, content in turns:
         text += f"<|{role}|>{metadata}\n" + (f" {content}" if content else "")
     return text + TURN_TOKEN
