@@ -41,7 +41,8 @@ class Settings(BaseSettings):
         None, description="The model id clients send and /v1/models lists (default: derived from --model)."
     )
     trust_remote_code: bool = Field(
-        False, description="Allow model code shipped in the model directory (ChatGLM2/ChatGLM3). Opt-in."
+        False, description="Allow model code shipped in the model directory (architectures transformers lacks). "
+        "Opt-in; ChatGLM2/ChatGLM3/GLM-4 need it not: they are converted to native GLM without running their code."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and activations dtype. 'auto' takes the checkpoint's own."

