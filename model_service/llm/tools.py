@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .chat import PromptError
+from .engine import GenerationOutput
 
 # LoadedModel.chat_family values whose tool-call format this module speaks.
 CHATGLM3 = "chatglm3"
@@ -429,13 +430,57 @@ def encode_chat_prompt(tokenizer, family: str | None, architecture: str, message
                       turn_id if isinstance(turn_id, int) and turn_id != tokenizer.unk_token_id else None)
 
 
-def parse_step(prompt: ChatPrompt, text: str, token_ids: Sequence[int], finished: bool) -> list:
-    """One engine output through the prompt's parser: content ``str``s and ``ToolCall``s now certain."""
-    parser = prompt.parser
-    events = parser.feed(text, turn_boundary=prompt.turn_token_id in token_ids)
-    if finished:
-        events += parser.finish()
-    return events
+@dataclass
+class ChatOutput(GenerationOutput):
+    """A step of a chat answer as the client sees it: text deltas, and tool calls once complete."""
+
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class ChatStream:
+    """A ``RequestStream`` (or a policy-filtered one) read through the prompt's tool-call parser.
+
+    Same interface: iterate ``ChatOutput``s, ``cancel()``, ``prompt_tokens``; ``tool_calls`` holds the calls so
+    far. Without tools in play it passes the text through. The final output's ``finish_reason`` is
+    "tool_calls" when the model stopped after calling tools.
+
+    Turn boundaries are the ``<|assistant|>`` token ids of each output. Text held back by a stop string or the
+    content filter is released after the token that follows it; should that be a boundary, the held text
+    lands in the next turn, and a call cut that way does not parse and comes back as text (never wrong).
+    """
+
+    def __init__(self, inner, prompt: ChatPrompt):
+        self._inner = inner
+        self._prompt = prompt
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._inner.prompt_tokens
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self._prompt.parser.tool_calls if self._prompt.parser is not None else []
+
+    def __getattr__(self, name: str):  # anything else the inner stream offers
+        return getattr(self._inner, name)
+
+    def __aiter__(self) -> "ChatStream":
+        return self
+
+    async def __anext__(self) -> ChatOutput:
+        out = await self._inner.__anext__()
+        parser = self._prompt.parser
+        if parser is None:
+            return ChatOutput(out.text, out.token_ids, out.prompt_tokens, out.completion_tokens, out.finish_reason)
+        events = parser.feed(out.text, turn_boundary=self._prompt.turn_token_id in out.token_ids)
+        if out.finish_reason is not None:
+            events += parser.finish()
+        return ChatOutput("".join(e for e in events if isinstance(e, str)), out.token_ids, out.prompt_tokens,
+                          out.completion_tokens, finish_reason(self._prompt, out.finish_reason),
+                          [e for e in events if isinstance(e, ToolCall)])
+
+    def cancel(self) -> None:
+        self._inner.cancel()
 
 
 def finish_reason(prompt: ChatPrompt, engine_reason: str | None) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import inspect
+import json
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ from model_service.llm.engine import (
     collect,
 )
 from model_service.llm.requests import GenerationOptions, UnknownModel
+from model_service.llm.tools import ToolRequest, parse_tool_request
 
 from .grpc_stubs import SERVICE_NAME, llm_pb2, llm_pb2_grpc
 from .state import ServiceState
@@ -81,6 +83,13 @@ _FINISH_REASONS = {
     "stop": llm_pb2.FINISH_REASON_STOP,
     "length": llm_pb2.FINISH_REASON_LENGTH,
     "content_filter": llm_pb2.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": llm_pb2.FINISH_REASON_TOOL_CALLS,
+}
+_TOOL_CHOICE_MODES = {
+    llm_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "auto",
+    llm_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    llm_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    llm_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
 }
 
 
@@ -131,7 +140,44 @@ def generation_options(request) -> GenerationOptions:
 
 
 def _messages(messages) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+    """Proto messages -> OpenAI-shaped dicts (validated by the shared normalize_messages)."""
+    out = []
+    for m in messages:
+        message = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
+def _tool_request(request) -> ToolRequest | None:
+    """ChatRequest / CountTokensRequest tools and tool_choice -> the OpenAI shapes, checked by the shared rules."""
+    tools = []
+    for i, tool in enumerate(request.tools):
+        function = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters_json:
+            try:
+                function["parameters"] = json.loads(tool.parameters_json)
+            except ValueError:
+                raise _invalid(f"tools[{i}].parameters_json is not valid JSON", f"tools.{i}.parameters_json") from None
+        tools.append({"type": "function", "function": function})
+    choice = None
+    if request.HasField("tool_choice"):
+        which = request.tool_choice.WhichOneof("choice")
+        if which == "function":
+            choice = {"type": "function", "function": {"name": request.tool_choice.function}}
+        elif which == "mode":
+            choice = _TOOL_CHOICE_MODES.get(request.tool_choice.mode, "auto")
+    return parse_tool_request(tools or None, choice)
+
+
+def _tool_calls(calls) -> list:
+    return [llm_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 def _completion_prompt(request) -> str | list[int]:
@@ -180,8 +226,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         last = None
         try:
             async for out in stream:
-                if out.text:
-                    yield message_type(id=rid, model=model, text=out.text)
+                calls = getattr(out, "tool_calls", None)  # chat outputs carry finished tool calls
+                if out.text or calls:
+                    yield message_type(id=rid, model=model, text=out.text, **({"tool_calls": _tool_calls(calls)}
+                                                                             if calls else {}))
                 last = out
         except EngineError as exc:
             await _abort(context, exc)
@@ -201,15 +249,18 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     # -- RPCs
     async def Chat(self, request, context):
         options, messages = generation_options(request), _messages(request.messages)
-        stream = await self._start(context, request.model, lambda: self.state.start_chat(messages, options))
+        stream = await self._start(context, request.model, lambda: self.state.start_chat(
+            messages, options, _tool_request(request)))
         text, last = await self._collect(context, stream)
         return llm_pb2.ChatResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}", model=self.state.model_name, text=text,
-            finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last))
+            finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last),
+            tool_calls=_tool_calls(stream.tool_calls))
 
     async def ChatStream(self, request, context):
         options, messages = generation_options(request), _messages(request.messages)
-        stream = await self._start(context, request.model, lambda: self.state.start_chat(messages, options))
+        stream = await self._start(context, request.model, lambda: self.state.start_chat(
+            messages, options, _tool_request(request)))
         async for message in self._deltas(context, stream, llm_pb2.ChatStreamResponse,
                                           f"chatcmpl-{uuid.uuid4().hex}"):
             yield message
@@ -238,7 +289,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             if request.messages and request.prompt:
                 raise _invalid("set only one of 'messages' and 'prompt'", "messages")
             if request.messages:
-                count = self.state.count_prompt_tokens(messages=_messages(request.messages))
+                count = self.state.count_prompt_tokens(messages=_messages(request.messages),
+                                                       tools=_tool_request(request))
             elif request.prompt:
                 count = self.state.count_prompt_tokens(prompt=request.prompt)
             else:

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from model_service.config import Settings
-from model_service.llm.chat import encode_chat, encode_completion, normalize_messages
+from model_service.llm.chat import encode_completion, normalize_messages
 from model_service.llm.engine import Engine, EngineNotReady, RequestStream
 from model_service.llm.loader import LoadedModel
 from model_service.llm.metrics import EngineMetrics
 from model_service.llm.requests import GenerationOptions, UnknownModel, to_sampling_params
+from model_service.llm.tools import ChatPrompt, ChatStream, ToolRequest, encode_chat_prompt
 
 from .dynamic_config import ActivePolicy
 
@@ -57,13 +58,15 @@ class ServiceState:
         if requested and requested != self.model_name:
             raise UnknownModel(requested, self.model_name)
 
-    def start_chat(self, messages: list[dict], options: GenerationOptions) -> RequestStream:
+    def start_chat(self, messages: list[dict], options: GenerationOptions,
+                   tools: ToolRequest | None = None) -> ChatStream:
+        """A chat; with ``tools``, in the model's tool format, its answer parsed into tool calls."""
         engine = self.ready_engine()
         policy = self.policy  # one snapshot for the whole request, whatever reloads meanwhile
         messages = normalize_messages(messages)
         policy.check_input([(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)])
-        prompt_ids = _chat_ids(engine.model_info, policy, messages)
-        return self._submit(engine, prompt_ids, options, policy)
+        prompt = _chat_prompt(engine.model_info, policy, messages, tools)
+        return ChatStream(self._submit(engine, prompt.ids, options, policy), prompt)
 
     def start_completion(self, prompt: str | list[int], options: GenerationOptions) -> RequestStream:
         engine = self.ready_engine()
@@ -74,7 +77,8 @@ class ServiceState:
             policy.check_input([("prompt", prompt if isinstance(prompt, str) else info.tokenizer.decode(prompt_ids))])
         return self._submit(engine, prompt_ids, options, policy)
 
-    def count_prompt_tokens(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None) -> int:
+    def count_prompt_tokens(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
+                            tools: ToolRequest | None = None) -> int:
         """The prompt tokens start_chat(messages) / start_completion(prompt) would use (persona included).
 
         Needs the model loaded, not the service ready: counting works while draining too.
@@ -83,7 +87,7 @@ class ServiceState:
             raise EngineNotReady(f"the model service is {self.phase.value}; the model is not loaded yet")
         info = self.engine.model_info
         if messages is not None:
-            return len(_chat_ids(info, self.policy, normalize_messages(messages)))
+            return len(_chat_prompt(info, self.policy, normalize_messages(messages), tools).ids)
         return len(_completion_ids(info, prompt or ""))
 
     def _submit(self, engine: Engine, prompt_ids: list[int], options: GenerationOptions,
@@ -99,8 +103,10 @@ class ServiceState:
 
 
 # How a request's prompt becomes token ids: one place, so CountTokens counts what generation will use.
-def _chat_ids(info: LoadedModel, policy: ActivePolicy, messages: list[dict]) -> list[int]:
-    return encode_chat(info.tokenizer, policy.apply_persona(messages))
+def _chat_prompt(info: LoadedModel, policy: ActivePolicy, messages: list[dict],
+                 tools: ToolRequest | None) -> ChatPrompt:
+    return encode_chat_prompt(info.tokenizer, info.chat_family, info.architecture, policy.apply_persona(messages),
+                              tools)
 
 
 def _completion_ids(info: LoadedModel, prompt: str | list[int]) -> list[int]:
