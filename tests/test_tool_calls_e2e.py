@@ -261,3 +261,51 @@ def test_grpc_bad_tool_requests_are_invalid_argument(stub, request_, field):
     with pytest.raises(grpc.RpcError) as err:
         stub.Chat(request_, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+
+
+# ---------------------------------------------------------------------------- ChatGLM3 through the server
+def test_chatglm3_checkpoint_renders_tools_as_build_chat_input(tmp_path):
+    """A ChatGLM3 directory as downloaded (2023 revision, no chat template): the tool prompt the server builds
+    has exactly the official ids' length over HTTP and gRPC (ids themselves: test_tools.py), and the random
+    model's answer, which names no tool, comes back as text."""
+    spm = pytest.importorskip("sentencepiece")
+    source = FIXTURES / "chatglm3-tiny-notemplate"
+    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    special = json.loads((FIXTURES / "golden.json").read_text())["fixtures"]["chatglm3-tiny"]["special_token_ids"]
+
+    def single(role, metadata, message):  # tokenization_chatglm.py build_single_message
+        return [special[f"<|{role}|>"]] + sp.encode(f"{metadata}\n") + sp.encode(message)
+
+    functions = [t["function"] for t in TOOLS]
+    official = ([special["[gMASK]"], special["sop"]]
+                + single("system", "", "Answer the following questions as best as you can. You have access to "
+                         "the following tools:\n" + json.dumps(functions, indent=4, ensure_ascii=False))
+                + single("user", "", "Weather in Paris?")
+                + single("assistant", "get_weather", '```python\ntool_call(city="Paris")\n```')
+                + single("observation", "", '{"temperature": 22}') + [special["<|assistant|>"]])
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 22}'}]
+    server = start_server(tmp_path, "--model", str(source), "--served-model-name", "chatglm3",
+                          env={"MODEL_SERVICE_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        r = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=120, json={
+            "messages": messages, "tools": TOOLS, "temperature": 0, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["prompt_tokens"] == len(official)
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
+        assert choice["message"]["content"]  # gibberish of the random weights, as text
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            count = llm_pb2_grpc.LlmServiceStub(channel).CountTokens(llm_pb2.CountTokensRequest(
+                messages=[llm_pb2.ChatMessage(role="user", content="Weather in Paris?"),
+                          llm_pb2.ChatMessage(role="assistant", tool_calls=[llm_pb2.ToolCall(
+                              id="call_1", name="get_weather", arguments='{"city": "Paris"}')]),
+                          llm_pb2.ChatMessage(role="tool", tool_call_id="call_1", content='{"temperature": 22}')],
+                tools=grpc_tools()), timeout=60)
+        assert count.token_count == len(official)
+    finally:
+        server.stop()
