@@ -353,6 +353,26 @@ def test_a_glm4_template_without_tool_support_is_refused():
                            parse_tool_request([WEATHER], None))
 
 
+def test_a_template_reading_the_standard_tools_variable_also_renders_them():
+    """Templates in the Hugging Face convention (tools as a variable, as GLM-4 "-hf" checkpoints have) work too."""
+    tokenizer = _official_glm4_tokenizer()
+    tokenizer.chat_template = (
+        "[gMASK]<sop>{% if tools %}<|system|>\n# 可用工具{% for tool in tools %}\n\n## {{ tool.function.name }}"
+        "{% endfor %}{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.metadata | default('') }}\n"
+        "{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    messages = normalize_messages([{"role": "user", "content": "x"}])
+    prompt = encode_chat_prompt(tokenizer, GLM4, "GlmForCausalLM", messages, parse_tool_request([WEATHER], None))
+    assert prompt.parser is not None
+
+
+def test_chatglm3_call_arguments_must_be_an_object_of_identifiers():
+    messages = normalize_messages([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"not an identifier": 1}'}}]}])
+    with pytest.raises(PromptError) as err:
+        render_chatglm3(messages, None)
+    assert err.value.param == "messages.1.tool_calls.0.function.arguments"
+
+
 def test_tool_request_defaults():
     assert not ToolRequest().active
 

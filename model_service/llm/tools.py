@@ -185,16 +185,16 @@ def render_chatglm3(messages: Sequence[dict], request: ToolRequest | None) -> st
         functions = [t["function"] for t in tools]
         turns.append(("system", "", CHATGLM3_TOOL_PROMPT + "\n" + json.dumps(functions, indent=4,
                                                                              ensure_ascii=False)))
-    for m in messages:
+    for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "tool":
             turns.append(("observation", "", content))
         elif role == "assistant" and m.get("tool_calls"):
             if content:
                 turns.append(("assistant", "", content))
-            for call in m["tool_calls"]:
-                turns.append(("assistant", call["function"]["name"],
-                              chatglm3_call_body(call["function"]["arguments"])))
+            for j, call in enumerate(m["tool_calls"]):
+                turns.append(("assistant", call["function"]["name"], chatglm3_call_body(
+                    call["function"]["arguments"], f"messages.{i}.tool_calls.{j}.function.arguments")))
         else:
             turns.append((role, "", content))
     text = CHATGLM3_PREFIX
@@ -203,7 +203,7 @@ def render_chatglm3(messages: Sequence[dict], request: ToolRequest | None) -> st
     return text + TURN_TOKEN
 
 
-def chatglm3_call_body(arguments: str) -> str:
+def chatglm3_call_body(arguments: str, param: str = "messages") -> str:
     """JSON arguments (as an OpenAI client sends them back) as ChatGLM3 writes a call."""
     try:
         values = json.loads(arguments)
@@ -211,7 +211,7 @@ def chatglm3_call_body(arguments: str) -> str:
         values = None
     if not isinstance(values, dict) or not all(k.isidentifier() for k in values):
         raise PromptError("a ChatGLM3 tool call's arguments must be a JSON object whose keys are identifiers, "
-                          f"got {arguments!r}", "messages")
+                          f"got {arguments!r}", param)
     args = ", ".join(f"{k}={_py_literal(v)}" for k, v in values.items())
     return f"```python\ntool_call({args})\n```"
 
@@ -415,8 +415,11 @@ def encode_chat_prompt(tokenizer, family: str | None, architecture: str, message
     if fmt == GLM4:
         if not getattr(tokenizer, "chat_template", None):
             raise PromptError("this model has no chat template to render tools with", "tools")
+        # The original template reads the tools from the first message; templates in the Hugging Face
+        # convention (as the "-hf" checkpoints') read the ``tools`` variable: both are given.
         text = tokenizer.apply_chat_template(render_glm4_messages(messages, request), tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True,
+                                             tools=(request.rendered_tools if needs_tools else None) or None)
         missing = [n for n in (request.names if needs_tools else ()) if n not in text]
         if missing:  # e.g. a GLM-4 checkpoint whose template was replaced by one without tools
             raise PromptError("this model's chat template does not render tools", "tools")
