@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .chat import PromptError
+from .chat import PromptError, encode_chat
 from .engine import GenerationOutput
 
 # LoadedModel.chat_family values whose tool-call format this module speaks.
@@ -297,7 +297,6 @@ class ToolCallParser:
     def __init__(self, family: str, names: Iterable[str], forced: str | None = None):
         self._parse_arguments = _ARGUMENT_PARSERS[family]
         self._names = frozenset(names)
-        self._max_name = max((len(n) for n in self._names), default=0)
         self.tool_calls: list[ToolCall] = []
         self.content = ""
         self._held_space = ""  # trailing whitespace of the content, not released yet
@@ -404,8 +403,6 @@ class ChatPrompt:
 def encode_chat_prompt(tokenizer, family: str | None, architecture: str, messages: list[dict],
                        request: ToolRequest | None) -> ChatPrompt:
     """Normalized messages (``chat.normalize_messages``) -> the prompt, in the family's tool format if needed."""
-    from .chat import encode_chat
-
     needs_tools = request is not None and request.active
     if not needs_tools and not has_tool_turns(messages):
         return ChatPrompt(encode_chat(tokenizer, messages))
