@@ -82,10 +82,11 @@ def run_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (lambda tmp: str(tmp / "missing.gguf"), "model file not found"),
     (lambda tmp: _write(tmp / "noconfig", {}, name="README.md"), "has no config.json"),
     (lambda tmp: _write(tmp / "alien", {"model_type": "alien-arch-9000"}), "unsupported model"),
-    (lambda tmp: _write(tmp / "chatglm3", {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}),
-     "--trust-remote-code"),
+    (lambda tmp: _write(tmp / "chatglm-6b", {"model_type": "chatglm", "architectures": ["ChatGLMModel"],
+                                             "num_layers": 28, "hidden_size": 4096, "num_attention_heads": 32}),
+     "the first-generation ChatGLM-6B is not supported"),
     (lambda tmp: "THUDM/glm-4-9b-chat-hf", "never downloads"),
-], ids=["missing-dir", "missing-gguf", "not-a-model-dir", "unknown-architecture", "chatglm-needs-remote-code",
+], ids=["missing-dir", "missing-gguf", "not-a-model-dir", "unknown-architecture", "chatglm-6b-v1",
         "hub-id-offline"])
 def test_startup_errors_are_clear(tmp_path, make_model, expected):
     result = run_serve("--model", make_model(tmp_path), "--log-format", "text")

@@ -115,12 +115,12 @@ def detect_family(directory: Path, config: dict) -> str:
                            "padded_vocab_size") if k not in config]
     if missing:
         raise ChatGLMConversionError(
-            f"{directory} is a ChatGLM checkpoint without {', '.join(missing)} in config.json: the first-generation "
-            "ChatGLM-6B is not supported (ChatGLM2-6B, ChatGLM3-6B and glm-4-9b-chat are)"
+            f"config.json lacks {', '.join(missing)}: not a ChatGLM2/ChatGLM3/GLM-4 config (the first-generation "
+            "ChatGLM-6B is not supported)"
         )
     tokenizer_model = directory / "tokenizer.model"
     if not tokenizer_model.is_file():
-        raise ChatGLMConversionError(f"{directory} has no tokenizer.model: the ChatGLM tokenizer file is missing")
+        raise ChatGLMConversionError("tokenizer.model (the ChatGLM tokenizer file) is missing")
     if _is_tiktoken_ranks(tokenizer_model):
         return FAMILY_GLM4
     # ChatGLM2 and ChatGLM3 share the SentencePiece model; ChatGLM3's code adds the role tokens. The code is read
@@ -164,12 +164,12 @@ def _weight_files(directory: Path) -> tuple[list[Path], str]:
             shards = [directory / name for name in sorted(set(weight_map.values()))]
             absent = [p.name for p in shards if not p.is_file()]
             if absent:
-                raise ChatGLMConversionError(f"{directory}: weight file(s) listed in {index_name} are missing: "
+                raise ChatGLMConversionError(f"weight file(s) listed in {index_name} are missing: "
                                              f"{', '.join(absent)}")
             return shards, fmt
         if (directory / single).is_file():
             return [directory / single], fmt
-    raise ChatGLMConversionError(f"{directory} has no weights (no *.safetensors or pytorch_model*.bin with an index)")
+    raise ChatGLMConversionError("no weights (no model*.safetensors or pytorch_model*.bin shards)")
 
 
 def _source_files(directory: Path) -> list[Path]:
@@ -320,7 +320,7 @@ def convert_weights(directory: Path, target: Path, native) -> None:
             expected |= {f"{p}self_attn.{x}_proj.bias" for x in "qkv"}
     missing = sorted(expected - set(weight_map))
     if missing:
-        raise ChatGLMConversionError(f"{directory}: the weights lack {len(missing)} tensor(s), e.g. {missing[0]} "
+        raise ChatGLMConversionError(f"the weights lack {len(missing)} tensor(s), e.g. {missing[0]} "
                                      "(incomplete download?)")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -333,7 +333,7 @@ def sentencepiece_tokenizer(model_file: Path, special_tokens: list[str]):
     appended at ids len(pieces)..; the dummy-prefix space is added to every text segment between special
     tokens, as the official code encodes each piece of a chat separately."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers.tokenization_utils_base import generate_merges
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -362,14 +362,21 @@ def sentencepiece_tokenizer(model_file: Path, special_tokens: list[str]):
     controls = [p.piece for p in proto.pieces if p.type in (2, 3)]  # <unk>, <s>, </s>
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in controls])
     _add_specials_at(backend, special_tokens, len(proto.pieces))
-    # tokenizer(text) prepends [gMASK] sop like the official build_inputs_with_special_tokens
-    backend.post_processor = processors.TemplateProcessing(
-        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
-        special_tokens=[("[gMASK]", backend.token_to_id("[gMASK]")), ("<sop>", backend.token_to_id("<sop>"))])
+    _prefix_gmask_sop(backend)
     return backend, {"unk_token": proto.pieces[proto.trainer_spec.unk_id].piece,
                      "bos_token": proto.pieces[proto.trainer_spec.bos_id].piece,
                      "eos_token": proto.pieces[proto.trainer_spec.eos_id].piece,
                      "pad_token": proto.pieces[proto.trainer_spec.unk_id].piece}  # the official pad is unk
+
+
+def _prefix_gmask_sop(backend) -> None:
+    """tokenizer(text) starts with [gMASK] sop, as the official build_inputs_with_special_tokens does (chat
+    templates are tokenized without special tokens added, and write the prefix themselves)."""
+    from tokenizers import processors
+
+    backend.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
+        special_tokens=[("[gMASK]", backend.token_to_id("[gMASK]")), ("<sop>", backend.token_to_id("<sop>"))])
 
 
 def _add_specials_at(backend, tokens: list[str], first_id: int) -> None:
@@ -384,17 +391,8 @@ def _add_specials_at(backend, tokens: list[str], first_id: int) -> None:
                                          f"not its official id {first_id + offset}")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return bytes_to_unicode()
-
-
-def tiktoken_tokenizer(model_file: Path, special_tokens: list[str]):
-    """A byte-level BPE equal to tiktoken on GLM-4's ranks file (``base64-token rank`` per line), the special
-    tokens at ids len(ranks)..; merges are recovered from the ranks as transformers' TikTokenConverter does."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
+def read_tiktoken_ranks(model_file: Path) -> dict[bytes, int]:
+    """GLM-4's tokenizer.model: one ``base64-token rank`` per line."""
     ranks: dict[bytes, int] = {}
     try:
         with model_file.open("rb") as f:
@@ -404,9 +402,18 @@ def tiktoken_tokenizer(model_file: Path, special_tokens: list[str]):
                     ranks[base64.b64decode(token)] = int(rank)
     except ValueError as exc:
         raise ChatGLMConversionError(f"{model_file} is not a tiktoken ranks file ({exc})") from None
+    return ranks
+
+
+def tiktoken_tokenizer(ranks: dict[bytes, int], special_tokens: list[str]):
+    """A byte-level BPE equal to tiktoken on GLM-4's ranks, the special tokens at ids len(ranks)..; merges are
+    recovered from the ranks as transformers' TikTokenConverter does (it needs the tiktoken package to read)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ChatGLMConversionError(f"{model_file}: ranks are not 0..{len(ranks) - 1}")
-    byte_encoder = _bytes_to_unicode()
+        raise ChatGLMConversionError(f"tokenizer.model: the tiktoken ranks are not 0..{len(ranks) - 1}")
+    byte_encoder = bytes_to_unicode()
 
     def to_str(b: bytes) -> str:
         return "".join(byte_encoder[x] for x in b)
@@ -430,9 +437,7 @@ def tiktoken_tokenizer(model_file: Path, special_tokens: list[str]):
     ])
     backend.decoder = decoders.ByteLevel()
     _add_specials_at(backend, special_tokens, len(ranks))
-    backend.post_processor = processors.TemplateProcessing(
-        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
-        special_tokens=[("[gMASK]", backend.token_to_id("[gMASK]")), ("<sop>", backend.token_to_id("<sop>"))])
+    _prefix_gmask_sop(backend)
     return backend, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 
 
@@ -460,10 +465,8 @@ def build_tokenizer(directory: Path, family: str, config: dict):
         shipped_template = next((t.get("template") for t in shipped_template if t.get("name") == "default"), None)
     model_file = directory / "tokenizer.model"
     if family == FAMILY_GLM4:
-        with model_file.open("rb") as f:
-            n_ranks = sum(1 for line in f if line.strip())
-        specials = _glm4_special_tokens(tokenizer_config, n_ranks)
-        backend, named = tiktoken_tokenizer(model_file, specials)
+        ranks = read_tiktoken_ranks(model_file)
+        backend, named = tiktoken_tokenizer(ranks, _glm4_special_tokens(tokenizer_config, len(ranks)))
         template = shipped_template
         eos_ids = _glm4_eos_ids(directory, config, backend)
     else:

@@ -172,7 +172,8 @@ def _read_config(directory: Path) -> dict:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{directory / 'config.json'} is not valid JSON ({exc}); is the download complete?") from None
+        raise ModelLoadError(
+            f"{directory / 'config.json'} is not valid JSON ({exc}); is the download complete?") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{directory / 'config.json'} is not a JSON object")
     return config
@@ -228,8 +229,13 @@ def load_model(
         raise
     except Exception as exc:
         log.debug("model load failed", exc_info=True)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ModelLoadError(f"cannot load {model}: {type(exc).__name__}: {first_line}") from None
+        raise ModelLoadError(f"cannot load {model}: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' messages span several), cut at ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_model(
@@ -294,11 +300,12 @@ def _load_model(
                    "float16": torch.float16}[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {source}: {_one_line(exc)}") from None
+    try:
         hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, **common)
-    except ValueError as exc:
-        raise ModelLoadError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {source}: {_one_line(exc)}") from None
     hf_model.eval()
     hf_model.requires_grad_(False)
     if device != "cpu":
