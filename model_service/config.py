@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         None, description="When set, /v1/* requires 'Authorization: Bearer <key>' (health/metrics stay open)."
     )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 past it).")
+    http_keep_alive_timeout_s: int = Field(
+        30, ge=1, description="Idle HTTP keep-alive connections are closed after this many seconds (keep the "
+        "gateway's connection-pool idle time below it).")
+    http_read_timeout_s: float = Field(
+        30.0, gt=0, description="A request's headers, and then its body, must each arrive within this many "
+        "seconds; else 408 and the connection is closed.")
 
     # --- logging ---
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -380,3 +380,39 @@ def test_example_client_streams_the_answer(server):
     denied = subprocess.run([*example, QUESTION], capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin:/bin"})
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+
+
+# ---------------------------------------------------------------------------------- text it cannot encode
+def _with_bad_utf8(message) -> bytes:
+    """``message`` serialized, its "XXX" placeholder replaced by the UTF-8-style bytes of a lone surrogate
+    (ED A0 80): what a client that does not validate its strings can put on the wire."""
+    raw = message.SerializeToString()
+    assert raw.count(b"XXX") == 1
+    return raw.replace(b"XXX", b"\xed\xa0\x80")
+
+
+@pytest.mark.parametrize("method,response,request_", [
+    ("Chat", llm_pb2.ChatResponse, chat_request("hi XXX")),
+    ("Chat", llm_pb2.ChatResponse, chat_request(stop=["XXX"])),
+    ("Complete", llm_pb2.CompleteResponse, llm_pb2.CompleteRequest(prompt="XXX", max_tokens=2)),
+    ("CountTokens", llm_pb2.CountTokensResponse, llm_pb2.CountTokensRequest(prompt="XXX")),
+], ids=["chat-content", "stop", "prompt", "count-tokens"])
+def test_invalid_utf8_is_invalid_argument_and_the_service_keeps_serving(channel, stub, method, response, request_):
+    call = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=None,
+                               response_deserializer=response.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        call(_with_bad_utf8(request_), metadata=AUTH, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "UTF-8" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # the key is checked first
+        call(_with_bad_utf8(request_), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "Paris" in stub.Chat(chat_request(max_tokens=12), metadata=AUTH, timeout=120).text
+
+
+def test_streaming_call_with_invalid_utf8_is_invalid_argument(channel):
+    call = channel.unary_stream(f"/{SERVICE}/ChatStream", request_serializer=None,
+                                response_deserializer=llm_pb2.ChatStreamResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(_with_bad_utf8(chat_request("XXX")), metadata=AUTH, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

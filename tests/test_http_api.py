@@ -157,6 +157,10 @@ BAD_REQUESTS = [
     ("messages wrong type", {"messages": "hi"}, 400, "invalid_request_error", "messages"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request_error",
      "messages.0.role"),
+    ("user message without content", {"messages": [{"role": "user"}]}, 400, "invalid_request_error",
+     "messages.0.content"),
+    ("system content null", {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]},
+     400, "invalid_request_error", "messages.0.content"),
     ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "invalid_request_error", "messages.0.content.0"),
     ("temperature wrong type", {"messages": FRANCE, "temperature": "hot"}, 400, "invalid_request_error",
@@ -192,6 +196,17 @@ def test_bad_requests_get_openai_errors(client, name, body, status, etype, param
     assert error["message"]
 
 
+def test_missing_content_is_named_like_openai_and_assistant_content_may_be_null(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "missing_required_parameter" and "messages[0].content" in error["message"]
+    r = client.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200, r.text
+
+
 def test_completion_bad_requests(client):
     r = client.post("/v1/completions", json={"prompt": [999_999]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
@@ -211,3 +226,134 @@ def test_service_keeps_serving_after_bad_input(client):
 def test_unknown_path_is_openai_shaped_404(client):
     r = client.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+# Text the tokenizer cannot take is the caller's error (400 naming the field), never a 500: a gateway
+# counts 500s against the pod, so one caller could otherwise open the breakers for everyone.
+LONE_SURROGATE = "\ud800"
+UNENCODABLE = [
+    # (name, path, body, param)
+    ("chat content", "/v1/chat/completions", {"messages": [{"role": "user", "content": f"hi {LONE_SURROGATE}"}]},
+     "messages.0.content"),
+    ("second message", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "\udfff"}]}, "messages.2.content"),
+    ("text part", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": LONE_SURROGATE}]}]}, "messages.0.content"),
+    ("stop string", "/v1/chat/completions", {"messages": FRANCE, "stop": [LONE_SURROGATE]}, "stop"),
+    ("completion prompt", "/v1/completions", {"prompt": f"The capital {LONE_SURROGATE}"}, "prompt"),
+    ("completion stop", "/v1/completions", {"prompt": "x", "stop": LONE_SURROGATE}, "stop"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param", UNENCODABLE, ids=[u[0] for u in UNENCODABLE])
+def test_unencodable_text_is_a_400_naming_the_field(client, name, path, body, param):
+    # json.dumps escapes the surrogate as \ud800, valid JSON that decodes to a str no tokenizer can encode
+    r = client.post(path, content=json.dumps({**body, "max_tokens": 2}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert "Unicode" in error["message"]
+
+
+def test_undecodable_body_bytes_are_a_400_and_the_service_keeps_serving(client):
+    r = client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    for _ in range(3):
+        client.post("/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": "\ud800"}]}),
+                    headers={"content-type": "application/json"})
+    r = client.post("/v1/chat/completions", json={"messages": FRANCE, "temperature": 0, "max_tokens": 12})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------------------- slow clients, headers
+def test_no_server_header(server, client):
+    r = client.get("/v1/models")
+    assert "server" not in r.headers and r.headers["date"]
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory):
+    """A server with short transport timeouts, to watch them act."""
+    from conftest import start_server
+
+    srv = start_server(tmp_path_factory.mktemp("strict"), "--http-read-timeout-s", "2",
+                       "--http-keep-alive-timeout-s", "2")
+    yield srv
+    srv.stop()
+
+
+def _read_until_closed(sock, limit_s: float = 20) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    import time
+
+    started, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data, time.monotonic() - started
+        data += chunk
+
+
+def _connect(srv):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", srv.http_port), timeout=10)
+
+
+def test_slow_clients_are_cut_off(strict_server):
+    import time
+
+    # nothing at all after connecting
+    with _connect(strict_server) as sock:
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and took < 10
+
+    # half the headers, then silence
+    with _connect(strict_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data and took < 10
+
+    # headers trickled a byte at a time: the clock is not reset by each byte
+    with _connect(strict_server) as sock:
+        started = time.monotonic()
+        try:
+            for byte in b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        except OSError:
+            pass  # closed under our feet: what we want
+        data, _ = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 10
+
+    # a body shorter than its Content-Length
+    with _connect(strict_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"messages\": ")
+        data, took = _read_until_closed(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and took < 10
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+    # a chunked body that never ends
+    with _connect(strict_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\n")
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408") and took < 10
+
+
+def test_idle_keep_alive_is_closed_and_a_normal_request_still_works(strict_server):
+    with _connect(strict_server) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, took = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200") and 1 < took < 10  # answered, then closed after 2 s idle
+    assert b"server:" not in data.lower()
+    r = httpx.post(f"{strict_server.base_url}/v1/chat/completions",
+                   json={"messages": FRANCE, "temperature": 0, "max_tokens": 12}, timeout=120)
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]

@@ -1,16 +1,15 @@
 """Nacos registration, graceful lifecycle and hot-reloaded policy, against a real Nacos (r-nacos).
 
+The policy's own unit tests are in test_policy.py.
+
 Real processes throughout: r-nacos on free ports with its data in a temp folder, and
 `python -m model_service serve` on the embedded SmolLM2 model (CPU, so answers are kept short).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -18,15 +17,6 @@ from conftest import start_server
 from nacos_fixtures import RNacos, make_seed, rnacos_bin, wait_for
 
 from model_service import __version__
-from model_service.config import Settings
-from model_service.server.dynamic_config import (
-    ContentBlocker,
-    DynamicConfig,
-    FilteredStream,
-    PolicyError,
-    parse_policy,
-)
-from model_service.server.state import ServiceState
 
 DATA_ID = "model-service.yaml"
 QUESTION = "What is the capital of France?"  # greedy answer: "The capital of France is Paris."
@@ -207,84 +197,3 @@ def test_policy_from_nacos_is_applied_live_and_invalid_documents_are_refused(nac
         assert last.json()["usage"]["prompt_tokens"] == base_prompt_tokens  # persona still off
     finally:
         srv.stop()
-
-
-def test_invalid_policy_file_is_refused_at_startup(tmp_path):
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("max_running_requests: 0\n")
-    settings = Settings(policy_file=str(policy))
-    with pytest.raises(PolicyError, match="max_running_requests"):
-        DynamicConfig(settings, ServiceState(settings, "m"))
-    policy.write_text("system_prompt: [unclosed\n")
-    with pytest.raises(PolicyError, match="YAML"):
-        DynamicConfig(settings, ServiceState(settings, "m"))
-
-
-# ---------------------------------------------------------------------------------------- unit level
-def test_parse_policy_validates_the_whole_document():
-    p = parse_policy("system_prompt: Hi\nblocked_patterns: [a+b]\ndefault_generation: {temperature: 0.2}\n")
-    assert p.system_prompt == "Hi" and p.blocked_patterns == ["a+b"] and p.default_generation.temperature == 0.2
-    assert parse_policy("") == parse_policy("# only a comment\n") == parse_policy(None)
-    for bad in ("blocked_patterns: ['(']", "blocked_patterns: ['x*']", "temperature: 1",
-                "default_generation: {top_p: 0}", "max_waiting_requests: -1", "- a list", "a: [1"):
-        with pytest.raises(PolicyError):
-            parse_policy(bad)
-
-
-@dataclass
-class _Out:
-    text: str
-    token_ids: list
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None = None
-
-
-class _FakeStream:
-    def __init__(self, deltas, last_reason="stop"):
-        self._outs = [_Out(d, [i], 5, i + 1, last_reason if i == len(deltas) - 1 else None)
-                      for i, d in enumerate(deltas)]
-        self.cancelled = False
-        self.prompt_tokens = 5
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if not self._outs:
-            raise StopAsyncIteration
-        return self._outs.pop(0)
-
-    def cancel(self):
-        self.cancelled = True
-
-
-def _run(deltas, patterns, last_reason="stop"):
-    async def go():
-        inner = _FakeStream(deltas, last_reason)
-        outs = [o async for o in FilteredStream(inner, ContentBlocker(patterns))]
-        return outs, inner
-
-    return asyncio.run(go())
-
-
-def test_output_filter_holds_back_possible_matches_and_cuts_at_a_match():
-    outs, inner = _run(["The capital", " of France is Pa", "ris", ". It is"], ["paris"])
-    assert "".join(o.text for o in outs) == "The capital of France is "
-    assert outs[1].text == " of France is "  # "Pa" held back: it may begin "Paris"
-    assert outs[-1].finish_reason == "content_filter" and inner.cancelled
-    assert all(o.finish_reason is None for o in outs[:-1])
-
-    outs, inner = _run(["Pa", "rty in Pa", "nama"], ["paris"], last_reason="length")
-    assert "".join(o.text for o in outs) == "Party in Panama"
-    assert outs[-1].finish_reason == "length" and not inner.cancelled
-
-    outs, _ = _run(["a cat", "s and dogs"], [r"\bcat\b"])  # "cat" at the end could still become "cats"
-    assert "".join(o.text for o in outs) == "a cats and dogs" and outs[-1].finish_reason == "stop"
-
-    outs, _ = _run(["a cat"], [r"\bcat\b"])  # ...but not once generation ended
-    assert "".join(o.text for o in outs) == "a " and outs[-1].finish_reason == "content_filter"
-
-    started = time.monotonic()
-    outs, _ = _run(["x" * 50] * 200, ["paris"])
-    assert len("".join(o.text for o in outs)) == 10_000 and time.monotonic() - started < 2

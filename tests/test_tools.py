@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from model_service.llm.chat import PromptError, normalize_messages
+from model_service.llm.chat import normalize_messages
+from model_service.llm.errors import InvalidRequest
 from model_service.llm.tools import (
     CHATGLM3,
     GLM4,
@@ -99,7 +100,8 @@ def test_glm4_tool_choice_none_renders_no_tools_but_keeps_the_tool_turns():
 def test_glm4_several_calls_and_results_are_one_turn_each():
     messages = [{"role": "user", "content": "Both?"},
                 {"role": "assistant", "content": "Looking.", "tool_calls": [
-                    {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+                    {"id": "a", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
                     {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
                 {"role": "tool", "tool_call_id": "a", "content": "sunny"},
                 {"role": "tool", "tool_call_id": "b", "content": "noon"}]
@@ -303,7 +305,7 @@ def test_chatglm3_calls_are_never_evaluated(tmp_path):
     (None, "required", "tool_choice"),
 ])
 def test_bad_tools_are_refused_naming_the_field(tools, choice, param):
-    with pytest.raises(PromptError) as err:
+    with pytest.raises(InvalidRequest) as err:
         parse_tool_request(tools, choice)
     assert err.value.param == param
 
@@ -328,7 +330,7 @@ def test_tool_choice_variants():
      "messages.0.tool_calls.0"),
 ])
 def test_bad_tool_messages_are_refused(message, param):
-    with pytest.raises(PromptError) as err:
+    with pytest.raises(InvalidRequest) as err:
         normalize_messages([message])
     assert err.value.param == param
 
@@ -336,10 +338,10 @@ def test_bad_tool_messages_are_refused(message, param):
 def test_models_without_a_tool_format_refuse_tools_and_tool_turns():
     tokenizer = _official_glm4_tokenizer()
     messages = normalize_messages([{"role": "user", "content": "hi"}])
-    with pytest.raises(PromptError) as err:
+    with pytest.raises(InvalidRequest) as err:
         encode_chat_prompt(tokenizer, None, "LlamaForCausalLM", messages, parse_tool_request([WEATHER], None))
     assert err.value.param == "tools" and "LlamaForCausalLM" in str(err.value)
-    with pytest.raises(PromptError):
+    with pytest.raises(InvalidRequest):
         encode_chat_prompt(tokenizer, None, "LlamaForCausalLM", normalize_messages(ROUND_TRIP), None)
     # tool_choice "none" and no tool turns: an ordinary chat, whatever the model
     assert encode_chat_prompt(tokenizer, None, "X", messages, parse_tool_request([WEATHER], "none")).parser is None
@@ -348,7 +350,7 @@ def test_models_without_a_tool_format_refuse_tools_and_tool_turns():
 def test_a_glm4_template_without_tool_support_is_refused():
     tokenizer = _official_glm4_tokenizer()
     tokenizer.chat_template = "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
-    with pytest.raises(PromptError, match="does not render tools"):
+    with pytest.raises(InvalidRequest, match="does not render tools"):
         encode_chat_prompt(tokenizer, GLM4, "Glm4ForCausalLM", normalize_messages([{"role": "user", "content": "x"}]),
                            parse_tool_request([WEATHER], None))
 
@@ -368,7 +370,7 @@ def test_a_template_reading_the_standard_tools_variable_also_renders_them():
 def test_chatglm3_call_arguments_must_be_an_object_of_identifiers():
     messages = normalize_messages([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"not an identifier": 1}'}}]}])
-    with pytest.raises(PromptError) as err:
+    with pytest.raises(InvalidRequest) as err:
         render_chatglm3(messages, None)
     assert err.value.param == "messages.1.tool_calls.0.function.arguments"
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .errors import ServiceError
 from .kv_batch import PaddedKVBatch
 from .loader import LoadedModel
 from .metrics import EngineMetrics
@@ -30,7 +31,7 @@ from .sampling import SamplerState, SamplingParams, sample_next_tokens
 log = logging.getLogger(__name__)
 
 
-class EngineError(Exception):
+class EngineError(ServiceError):
     """Base of the errors a caller of ``generate`` may see."""
 
 

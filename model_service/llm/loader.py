@@ -44,7 +44,6 @@ class LoadedModel:
     # The prompt family for formats the chat template alone does not cover (tool calls): "chatglm3" (ChatGLM3,
     # converted), "glm4" (GLM-4: converted original layout, or native glm/glm4 with GLM-4's template), else None.
     chat_family: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _cache_root() -> Path:

@@ -34,8 +34,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .chat import PromptError, encode_chat
+from .chat import _ENCODING_ERRORS, encode_chat
 from .engine import GenerationOutput
+from .errors import InvalidRequest
 
 # LoadedModel.chat_family values whose tool-call format this module speaks.
 CHATGLM3 = "chatglm3"
@@ -85,46 +86,46 @@ def parse_tool_request(tools, tool_choice) -> ToolRequest | None:
     """Validate OpenAI ``tools`` / ``tool_choice`` (already JSON-decoded); None when the request has no tools."""
     if tools is None:
         if tool_choice not in (None, "none"):
-            raise PromptError("'tool_choice' is only allowed when 'tools' are specified", "tool_choice")
+            raise InvalidRequest("'tool_choice' is only allowed when 'tools' are specified", "tool_choice")
         return None
     if not isinstance(tools, list) or not tools:
-        raise PromptError("'tools' must be a non-empty array of {\"type\": \"function\", \"function\": {...}}",
-                          "tools")
+        raise InvalidRequest("'tools' must be a non-empty array of {\"type\": \"function\", \"function\": {...}}",
+                             "tools")
     seen: set[str] = set()
     checked = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise PromptError(f"tools[{i}].type must be 'function'", f"tools.{i}.type")
+            raise InvalidRequest(f"tools[{i}].type must be 'function'", f"tools.{i}.type")
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise PromptError(f"tools[{i}].function must be an object", f"tools.{i}.function")
+            raise InvalidRequest(f"tools[{i}].function must be an object", f"tools.{i}.function")
         name = function.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise PromptError(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'",
-                              f"tools.{i}.function.name")
+            raise InvalidRequest(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'",
+                                 f"tools.{i}.function.name")
         if name in seen:
-            raise PromptError(f"tools[{i}].function.name {name!r} is declared twice", f"tools.{i}.function.name")
+            raise InvalidRequest(f"tools[{i}].function.name {name!r} is declared twice", f"tools.{i}.function.name")
         seen.add(name)
         if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise PromptError(f"tools[{i}].function.parameters must be a JSON Schema object",
-                              f"tools.{i}.function.parameters")
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON Schema object",
+                                 f"tools.{i}.function.parameters")
         if "description" in function and not isinstance(function["description"], str):
-            raise PromptError(f"tools[{i}].function.description must be a string",
-                              f"tools.{i}.function.description")
+            raise InvalidRequest(f"tools[{i}].function.description must be a string",
+                                 f"tools.{i}.function.description")
         checked.append({"type": "function", "function": function})
 
     choice = "auto" if tool_choice is None else tool_choice
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
-            raise PromptError("'tool_choice' must be 'auto', 'none', 'required' or "
-                              "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+            raise InvalidRequest("'tool_choice' must be 'auto', 'none', 'required' or "
+                                 "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
         return ToolRequest(tuple(checked), choice)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
-        raise PromptError("'tool_choice' must be 'auto', 'none', 'required' or "
-                          "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+        raise InvalidRequest("'tool_choice' must be 'auto', 'none', 'required' or "
+                             "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
     if name not in seen:
-        raise PromptError(f"tool_choice names the function {name!r}, which is not in 'tools'", "tool_choice")
+        raise InvalidRequest(f"tool_choice names the function {name!r}, which is not in 'tools'", "tool_choice")
     return ToolRequest(tuple(checked), "function", name)
 
 
@@ -137,8 +138,8 @@ def tool_format(family: str | None) -> str | None:
     return family if family in TOOL_FAMILIES else None
 
 
-def unsupported(architecture: str) -> PromptError:
-    return PromptError(
+def unsupported(architecture: str) -> InvalidRequest:
+    return InvalidRequest(
         f"tool calling is not supported for this model ({architecture}): the server speaks the tool format of "
         "ChatGLM3 and GLM-4 checkpoints only", "tools")
 
@@ -210,8 +211,8 @@ def chatglm3_call_body(arguments: str, param: str = "messages") -> str:
     except (TypeError, ValueError):
         values = None
     if not isinstance(values, dict) or not all(k.isidentifier() for k in values):
-        raise PromptError("a ChatGLM3 tool call's arguments must be a JSON object whose keys are identifiers, "
-                          f"got {arguments!r}", param)
+        raise InvalidRequest("a ChatGLM3 tool call's arguments must be a JSON object whose keys are identifiers, "
+                             f"got {arguments!r}", param)
     args = ", ".join(f"{k}={_py_literal(v)}" for k, v in values.items())
     return f"```python\ntool_call({args})\n```"
 
@@ -411,18 +412,24 @@ def encode_chat_prompt(tokenizer, family: str | None, architecture: str, message
         raise unsupported(architecture)
     if fmt == GLM4:
         if not getattr(tokenizer, "chat_template", None):
-            raise PromptError("this model has no chat template to render tools with", "tools")
+            raise InvalidRequest("this model has no chat template to render tools with", "tools")
         # The original template reads the tools from the first message; templates in the Hugging Face
         # convention (as the "-hf" checkpoints') read the ``tools`` variable: both are given.
-        text = tokenizer.apply_chat_template(render_glm4_messages(messages, request), tokenize=False,
-                                             add_generation_prompt=True,
-                                             tools=(request.rendered_tools if needs_tools else None) or None)
+        try:
+            text = tokenizer.apply_chat_template(render_glm4_messages(messages, request), tokenize=False,
+                                                 add_generation_prompt=True,
+                                                 tools=(request.rendered_tools if needs_tools else None) or None)
+        except _ENCODING_ERRORS as exc:  # e.g. a template that refuses this order of roles
+            raise InvalidRequest(f"the messages cannot be encoded for this model: {exc}", "messages") from None
         missing = [n for n in (request.names if needs_tools else ()) if n not in text]
         if missing:  # e.g. a GLM-4 checkpoint whose template was replaced by one without tools
-            raise PromptError("this model's chat template does not render tools", "tools")
+            raise InvalidRequest("this model's chat template does not render tools", "tools")
     else:
         text = render_chatglm3(messages, request)
-    ids = list(tokenizer(text + prefill(request), add_special_tokens=False)["input_ids"])
+    try:
+        ids = list(tokenizer(text + prefill(request), add_special_tokens=False)["input_ids"])
+    except _ENCODING_ERRORS as exc:  # text the tokenizer cannot take (tool definitions are not checked before)
+        raise InvalidRequest(f"the messages or tools cannot be encoded for this model: {exc}", "tools") from None
     if not needs_tools:
         return ChatPrompt(ids)
     turn_id = tokenizer.convert_tokens_to_ids(TURN_TOKEN)

@@ -1,263 +1,58 @@
-"""Operator policy, hot-reloaded: persona, blocked content, generation defaults, admission limits.
+"""Where the operator policy comes from, hot-reloaded: the Nacos config document, or a local file.
 
-The policy is a small YAML document, e.g.::
-
-    system_prompt: "You are Zed, the ACME support assistant."
-    blocked_patterns: ["secret project", "\\\\bpassw(or)?d\\\\b"]
-    default_generation: {temperature: 0.7, top_p: 0.9, max_tokens: 256}
-    max_running_requests: 16
-    max_waiting_requests: 64
-
-It comes from the Nacos config ``--nacos-config-data-id`` (``model-service.yaml``) when Nacos has
-one, else from ``--policy-file`` (re-read when the file changes), else everything is off. Every
-document is validated whole; an invalid one is refused with a log line and the previous policy stays.
-
-Where it applies: ``ServiceState.start_chat`` / ``start_completion`` (the one request path of HTTP
-and gRPC) call ``ActivePolicy.check_input`` / ``apply_persona`` / ``sampling_defaults`` and wrap the
-engine's stream in ``FilteredStream``; ``DynamicConfig`` swaps ``Engine.limits`` on change.
+Sources, highest first: the Nacos config ``--nacos-config-data-id`` (``model-service.yaml``) when Nacos
+has one, ``--policy-file`` (re-read when the file changes), nothing. Every document is validated whole
+(``policy.parse_policy``); an invalid one is refused with a log line and the previous policy stays. The
+policy in force is handed to ``on_policy`` (``ModelService.apply_policy``) at start and on every change.
+What a policy means and how it applies to requests is ``policy.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import regex
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from model_service.llm.chat import PromptError
-from model_service.llm.engine import GenerationOutput
-from model_service.llm.requests import MAX_STOP_SEQUENCES, GenerationOptions
+from .policy import Policy, PolicyError, parse_policy
 
 if TYPE_CHECKING:
     from model_service.config import Settings
-    from model_service.llm.engine import Engine, RequestStream
-
-    from .state import ServiceState
 
 log = logging.getLogger("model_service.policy")
 
 FILE_POLL_S = 2.0
 
 
-class ContentFiltered(PromptError):
-    """The request's input matches a blocked pattern (HTTP 400 code 'content_filter', gRPC INVALID_ARGUMENT)."""
-
-
-class PolicyError(Exception):
-    """A policy document that cannot be used (bad YAML, unknown keys, out-of-range values, bad regex)."""
-
-
-# ---------------------------------------------------------------------------------------- schema
-class GenerationDefaults(BaseModel):
-    """Used for each parameter a request leaves out."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
-    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
-
-
-class Policy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    system_prompt: str | None = Field(
-        None, description="Injected as the system message when the client sends none.")
-    blocked_patterns: list[str] = Field(
-        default_factory=list,
-        description="Regular expressions (case-insensitive; a plain word is one) refused in input and cut from "
-        "output.")
-    default_generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
-    max_running_requests: int | None = Field(None, ge=1)
-    max_waiting_requests: int | None = Field(None, ge=0)
-
-    @field_validator("system_prompt")
-    @classmethod
-    def _blank_is_none(cls, value: str | None) -> str | None:
-        return value if value and value.strip() else None
-
-    @field_validator("blocked_patterns")
-    @classmethod
-    def _compilable(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            if not pattern:
-                raise ValueError("blocked patterns must not be empty")
-            try:
-                compiled = regex.compile(pattern, regex.IGNORECASE)
-            except regex.error as exc:
-                raise ValueError(f"blocked pattern {pattern!r} is not a valid regular expression: {exc}") from None
-            if compiled.fullmatch(""):
-                raise ValueError(f"blocked pattern {pattern!r} matches empty text")
-        return patterns
-
-
-def parse_policy(text: str | None) -> Policy:
-    """YAML text -> a validated Policy. Empty text is the empty policy. Raises PolicyError."""
-    if text is None or not text.strip():
-        return Policy()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"not valid YAML: {exc}") from None
-    if data is None:
-        return Policy()
-    if not isinstance(data, dict):
-        raise PolicyError(f"the document must be a YAML mapping, not {type(data).__name__}")
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}" for err in exc.errors())
-        raise PolicyError(problems) from None
-
-
-# ---------------------------------------------------------------------------------------- content
-class ContentBlocker:
-    """All blocked patterns as one case-insensitive regex (the ``regex`` module, for partial matches)."""
-
-    def __init__(self, patterns: list[str]):
-        self.patterns = list(patterns)
-        self._re = regex.compile("|".join(f"(?:{p})" for p in patterns), regex.IGNORECASE)
-
-    def search(self, text: str) -> regex.Match | None:
-        return self._re.search(text)
-
-    def scan(self, text: str, pos: int, final: bool) -> tuple[int, bool]:
-        """Look for a blocked match in ``text[pos:]`` (earlier text is context for ``\\b``/lookbehind).
-
-        Returns ``(cut, blocked)``: when blocked, ``text[:cut]`` is what may still be shown; otherwise
-        ``text[:cut]`` is safe to release and the rest must be held back, because it may begin a match.
-        """
-        if final:
-            m = self._re.search(text, pos)
-            return (m.start(), True) if m else (len(text), False)
-        m = self._re.search(text, pos, partial=True)
-        if m is None:
-            return len(text), False
-        if m.partial or m.end() == len(text):
-            # a possible start of a match, or a match that more text could still change ("cat" -> "cats")
-            return m.start(), False
-        return m.start(), True
-
-
-class FilteredStream:
-    """A ``RequestStream`` whose text never shows a blocked pattern.
-
-    Text that might be the start of a match is held back (as stop strings are). On a match, the text
-    before it is released, the engine request is cancelled and the stream ends with finish_reason
-    ``content_filter``.
-    """
-
-    def __init__(self, inner: RequestStream, blocker: ContentBlocker):
-        self._inner = inner
-        self._blocker = blocker
-        self._text = ""
-        self._released = 0
-        self._ended = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self._inner.prompt_tokens
-
-    def __getattr__(self, name: str) -> Any:  # anything else a RequestStream offers
-        return getattr(self._inner, name)
-
-    def __aiter__(self) -> FilteredStream:
-        return self
-
-    async def __anext__(self) -> GenerationOutput:
-        if self._ended:
-            raise StopAsyncIteration
-        out = await self._inner.__anext__()
-        self._text += out.text
-        final = out.finish_reason is not None
-        cut, blocked = self._blocker.scan(self._text, self._released, final)
-        cut = max(cut, self._released)
-        release, self._released = self._text[self._released:cut], cut
-        if blocked:
-            self._ended = True
-            self._inner.cancel()
-            log.info("output stopped by the content policy",
-                     extra={"completion_tokens": out.completion_tokens})
-            return dataclasses.replace(out, text=release, finish_reason="content_filter")
-        if final:
-            self._ended = True
-        return dataclasses.replace(out, text=release)
-
-    def cancel(self) -> None:
-        self._ended = True
-        self._inner.cancel()
-
-
-# ---------------------------------------------------------------------------------------- active policy
-@dataclass(frozen=True)
-class ActivePolicy:
-    """A validated policy, compiled for the request path. Replaced whole on every change."""
-
-    policy: Policy = dataclasses.field(default_factory=Policy)
-    source: str = "none"
-    blocker: ContentBlocker | None = None
-
-    @classmethod
-    def build(cls, policy: Policy, source: str) -> ActivePolicy:
-        blocker = ContentBlocker(policy.blocked_patterns) if policy.blocked_patterns else None
-        return cls(policy, source, blocker)
-
-    def check_input(self, texts: list[tuple[str, str]]) -> None:
-        """``texts``: (param, text) pairs. Raises ContentFiltered for the first blocked one."""
-        if self.blocker is None:
-            return
-        for param, text in texts:
-            if text and self.blocker.search(text):
-                raise ContentFiltered(
-                    f"the request was refused by the content policy: '{param}' contains blocked content", param)
-
-    def apply_persona(self, messages: list[dict]) -> list[dict]:
-        """Normalized messages -> the same with the operator's system prompt first if the client sent none."""
-        prompt = self.policy.system_prompt
-        if not prompt or any(m["role"] == "system" for m in messages):
-            return messages
-        return [{"role": "system", "content": prompt}, *messages]
-
-    def sampling_defaults(self) -> GenerationOptions:
-        d = self.policy.default_generation
-        return GenerationOptions(
-            temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, stop=d.stop,
-            presence_penalty=d.presence_penalty, frequency_penalty=d.frequency_penalty,
-            repetition_penalty=d.repetition_penalty,
-        )
-
-    def default_max_tokens(self, fallback: int) -> int:
-        return self.policy.default_generation.max_tokens or fallback
-
-    def filter_output(self, stream: RequestStream) -> RequestStream | FilteredStream:
-        return FilteredStream(stream, self.blocker) if self.blocker is not None else stream
-
-
 # ---------------------------------------------------------------------------------------- sources
-class DynamicConfig:
-    """Keeps ``state.policy`` and the engine's limits in line with the policy sources.
+@dataclass(frozen=True)
+class _Document:
+    """A validated policy and where it came from. ``origin`` is logged, the content never is."""
 
-    Sources, highest first: the Nacos config document (when Nacos has one), ``--policy-file``,
-    nothing. ``apply_nacos`` is the Nacos listener; the file is polled for changes.
+    policy: Policy
+    origin: dict
+
+
+def _fingerprint(text: str) -> str:
+    # MD5 because the Nacos console and its config history show each version's MD5: from the pod's log
+    # line an operator finds the exact version, and in the history when and from where it was published.
+    return hashlib.md5(text.encode("utf-8", "surrogatepass")).hexdigest()  # noqa: S324 - an id, not security
+
+
+class DynamicConfig:
+    """Follows the policy sources and hands the policy in force to ``on_policy`` whenever it changes.
+
+    ``apply_nacos`` is the Nacos listener; the file is polled for changes.
     """
 
-    def __init__(self, settings: Settings, state: ServiceState):
+    def __init__(self, settings: Settings, on_policy: Callable[[Policy], None]):
         self.settings = settings
-        self.state = state
-        self._nacos: Policy | None = None
-        self._file: Policy | None = None
+        self._on_policy = on_policy
+        self._nacos: _Document | None = None
+        self._file: _Document | None = None
         self._file_stamp: tuple[float, int] | None = None
         self._task: asyncio.Task | None = None
         if settings.policy_file:
@@ -265,41 +60,48 @@ class DynamicConfig:
         self._activate("startup")
 
     # -- sources
+    def _nacos_origin(self, text: str | None) -> dict:
+        s = self.settings
+        origin = {"source": "nacos", "namespace": s.nacos_namespace or "public", "group": s.nacos_group,
+                  "data_id": s.nacos_config_data_id}
+        return {**origin, "md5": _fingerprint(text)} if text is not None else origin
+
     def apply_nacos(self, text: str | None) -> bool:
         """A Nacos config document (None or empty: the document was removed). False when refused."""
-        where = f"nacos:{self.settings.nacos_config_data_id}"
         if text is None or not text.strip():
             if self._nacos is None:
                 return True
             self._nacos = None
-            log.info("policy document removed from Nacos; falling back", extra={"source": where})
-            self._activate(where)
+            log.info("policy document removed from Nacos; falling back", extra=self._nacos_origin(None))
+            self._activate("nacos")
             return True
+        origin = self._nacos_origin(text)
         try:
             policy = parse_policy(text)
         except PolicyError as exc:
             log.error("invalid policy document refused; keeping the current policy",
-                      extra={"source": where, "error": str(exc)})
+                      extra={**origin, "error": str(exc)})
             return False
-        if policy == self._nacos:
+        if self._nacos is not None and policy == self._nacos.policy:
             return True
-        self._nacos = policy
-        self._activate(where)
+        self._nacos = _Document(policy, origin)
+        self._activate("nacos")
         return True
 
-    def _read_file(self, strict: bool) -> Policy | None:
+    def _read_file(self, strict: bool) -> _Document | None:
         path = self.settings.policy_file
+        origin = {"source": "file", "path": os.path.abspath(path)}
         try:
             st = os.stat(path)
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             self._file_stamp = (st.st_mtime, st.st_size)
-            return parse_policy(text)
-        except (OSError, PolicyError) as exc:
+            origin["md5"] = _fingerprint(text)
+            return _Document(parse_policy(text), origin)
+        except (OSError, ValueError, PolicyError) as exc:  # ValueError: not UTF-8
             if strict:
                 raise PolicyError(f"policy file {path}: {exc}") from None
-            log.error("invalid policy file refused; keeping the current policy",
-                      extra={"source": f"file:{path}", "error": str(exc)})
+            log.error("invalid policy file refused; keeping the current policy", extra={**origin, "error": str(exc)})
             return self._file
 
     async def _watch_file(self) -> None:
@@ -313,48 +115,24 @@ class DynamicConfig:
                 continue  # being replaced, or gone: keep what we have
             if stamp == self._file_stamp:
                 continue
-            policy = self._read_file(strict=False)
-            if policy != self._file:
-                self._file = policy
-                self._activate(f"file:{path}")
+            document = self._read_file(strict=False)
+            if document is not self._file and (self._file is None or document.policy != self._file.policy):
+                self._file = document
+                self._activate("file")
 
     # -- effect
     def _activate(self, trigger: str) -> None:
-        if self._nacos is not None:
-            policy, source = self._nacos, f"nacos:{self.settings.nacos_config_data_id}"
-        elif self._file is not None:
-            policy, source = self._file, f"file:{self.settings.policy_file}"
-        else:
-            policy, source = Policy(), "none"
-        self.state.policy = ActivePolicy.build(policy, source)
-        self._apply_limits()
-        p = policy
+        document = self._nacos or self._file or _Document(Policy(), {"source": "none"})
+        policy = document.policy
+        self._on_policy(policy)
+        # which version is in force and where it came from; a summary of what it sets, never its text
         log.info("policy applied", extra={
-            "source": source, "trigger": trigger, "system_prompt": bool(p.system_prompt),
-            "blocked_patterns": len(p.blocked_patterns),
-            "default_generation": p.default_generation.model_dump(exclude_none=True),
-            "max_running_requests": p.max_running_requests, "max_waiting_requests": p.max_waiting_requests,
+            **document.origin, "trigger": trigger, "system_prompt": bool(policy.system_prompt),
+            "blocked_patterns": len(policy.blocked_patterns),
+            "default_generation": policy.default_generation.model_dump(exclude_none=True),
+            "max_running_requests": policy.max_running_requests,
+            "max_waiting_requests": policy.max_waiting_requests,
         })
-
-    def attach(self, engine: Engine) -> None:
-        """Call once the engine exists: its admission limits follow the policy from now on."""
-        self._apply_limits(engine)
-
-    def _apply_limits(self, engine: Engine | None = None) -> None:
-        engine = engine or self.state.engine
-        if engine is None:
-            return
-        p = self.state.policy.policy
-        limits = dataclasses.replace(
-            engine.limits,
-            max_running_requests=p.max_running_requests or self.settings.max_running_requests,
-            max_waiting_requests=(p.max_waiting_requests if p.max_waiting_requests is not None
-                                  else self.settings.max_waiting_requests),
-        )
-        if limits != engine.limits:
-            engine.limits = limits  # a frozen dataclass, read afresh at every admission and engine step
-            log.info("engine limits changed", extra={"max_running_requests": limits.max_running_requests,
-                                                     "max_waiting_requests": limits.max_waiting_requests})
 
     # -- lifecycle
     async def start(self) -> None:

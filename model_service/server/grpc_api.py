@@ -1,13 +1,13 @@
 """The gRPC adapter: ``llm.v1.LlmService`` plus the standard health and reflection services.
 
-A thin layer like the HTTP adapter: requests become ``GenerationOptions`` and go through the same
-``ServiceState`` request path (model check, prompt building, validation, admission) into the one
-engine, on the same asyncio loop as the HTTP server. So HTTP and gRPC requests share batches,
-limits and error messages.
+A thin layer like the HTTP adapter: requests are translated into the same ``ModelService`` calls
+(model check, validation, policy, prompt building, admission) into the one engine, on the same asyncio
+loop as the HTTP server, and errors take their status from the same table (``errors.ERRORS``). So HTTP
+and gRPC requests share batches, limits and error messages.
 
 Lifecycle, driven by ``server.main.serve``::
 
-    grpc_server = GrpcServer(state, settings)
+    grpc_server = GrpcServer(service, settings)
     port = await grpc_server.start()      # binds now (port 0 picks one); health NOT_SERVING
     await grpc_server.set_serving(True)   # the model is loaded and the engine accepts work
     await grpc_server.set_serving(False)  # shutdown begins, before draining
@@ -16,12 +16,12 @@ Lifecycle, driven by ``server.main.serve``::
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,22 +30,13 @@ from grpc_reflection.v1alpha import reflection
 
 from model_service import __version__
 from model_service.config import Settings
-from model_service.llm.chat import PromptError
-from model_service.llm.engine import (
-    EngineError,
-    EngineFailure,
-    EngineNotReady,
-    EngineOverloaded,
-    GenerationOutput,
-    RequestStream,
-    RequestTimedOut,
-    collect,
-)
-from model_service.llm.requests import GenerationOptions, UnknownModel
-from model_service.llm.tools import ToolRequest, parse_tool_request
+from model_service.llm.engine import GenerationOutput, RequestStream, collect
+from model_service.llm.errors import InvalidRequest
+from model_service.llm.requests import SAMPLING_FIELDS, GenerationOptions
 
+from .errors import describe
 from .grpc_stubs import SERVICE_NAME, llm_pb2, llm_pb2_grpc
-from .state import ServiceState
+from .service import ModelService
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("model_service.access")
@@ -98,49 +89,30 @@ class GrpcBindError(OSError):
 
 
 # ---------------------------------------------------------------------------- errors
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status of an engine, prompt or model error (the gRPC twin of errors.from_exception)."""
-    if isinstance(exc, UnknownModel):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, PromptError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, EngineOverloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, EngineNotReady):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, RequestTimedOut):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, EngineFailure):
-        return grpc.StatusCode.INTERNAL, str(exc)
-    return grpc.StatusCode.INTERNAL, "internal error"
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
-    code, message = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception):
+    """End the call with the status errors.ERRORS gives ``exc``."""
+    error = describe(exc)
+    if not error.expected:
         log.error("unhandled error in a gRPC call", exc_info=exc)
-    if isinstance(exc, EngineOverloaded):
-        context.set_trailing_metadata((("retry-after-s", str(exc.retry_after_s)),))
-    await context.abort(code, message)
-
-
-def _invalid(message: str, field: str) -> PromptError:
-    return PromptError(message, field)
+    if error.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-s", str(error.retry_after_s)),))
+    await context.abort(error.form.grpc_status, error.message)
 
 
 # ---------------------------------------------------------------------------- request mapping
-_SAMPLING_SCALARS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
-                     "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos")
-
-
 def generation_options(request) -> GenerationOptions:
     """ChatRequest / CompleteRequest -> GenerationOptions; unset optional fields stay None."""
-    values = {name: getattr(request, name) if request.HasField(name) else None for name in _SAMPLING_SCALARS}
-    return GenerationOptions(**values, stop=list(request.stop) or None)
+    values = {}
+    for field in SAMPLING_FIELDS:
+        if field.kind == "stop":
+            values[field.name] = list(getattr(request, field.name)) or None  # repeated: empty is unset
+        else:
+            values[field.name] = getattr(request, field.name) if request.HasField(field.name) else None
+    return GenerationOptions(**values)
 
 
 def _messages(messages) -> list[dict]:
-    """Proto messages -> OpenAI-shaped dicts (validated by the shared normalize_messages)."""
+    """Proto messages -> the OpenAI shapes the service validates."""
     out = []
     for m in messages:
         message = {"role": m.role, "content": m.content}
@@ -153,8 +125,8 @@ def _messages(messages) -> list[dict]:
     return out
 
 
-def _tool_request(request) -> ToolRequest | None:
-    """ChatRequest / CountTokensRequest tools and tool_choice -> the OpenAI shapes, checked by the shared rules."""
+def _tools(request) -> dict:
+    """ChatRequest / CountTokensRequest ``tools`` and ``tool_choice`` -> the OpenAI shapes (keyword arguments)."""
     tools = []
     for i, tool in enumerate(request.tools):
         function = {"name": tool.name}
@@ -164,16 +136,16 @@ def _tool_request(request) -> ToolRequest | None:
             try:
                 function["parameters"] = json.loads(tool.parameters_json)
             except ValueError:
-                raise _invalid(f"tools[{i}].parameters_json is not valid JSON", f"tools.{i}.parameters_json") from None
+                raise InvalidRequest(f"tools[{i}].parameters_json is not valid JSON",
+                                     f"tools.{i}.parameters_json") from None
         tools.append({"type": "function", "function": function})
     choice = None
     if request.HasField("tool_choice"):
-        which = request.tool_choice.WhichOneof("choice")
-        if which == "function":
+        if request.tool_choice.WhichOneof("choice") == "function":
             choice = {"type": "function", "function": {"name": request.tool_choice.function}}
-        elif which == "mode":
+        else:
             choice = _TOOL_CHOICE_MODES.get(request.tool_choice.mode, "auto")
-    return parse_tool_request(tools or None, choice)
+    return {"tools": tools or None, "tool_choice": choice}
 
 
 def _tool_calls(calls) -> list:
@@ -182,7 +154,7 @@ def _tool_calls(calls) -> list:
 
 def _completion_prompt(request) -> str | list[int]:
     if request.prompt and request.prompt_token_ids:
-        raise _invalid("set only one of 'prompt' and 'prompt_token_ids'", "prompt")
+        raise InvalidRequest("set only one of 'prompt' and 'prompt_token_ids'", "prompt")
     if request.prompt_token_ids:
         return list(request.prompt_token_ids)
     return request.prompt  # empty: refused by the shared prompt check, naming 'prompt'
@@ -195,16 +167,15 @@ def _usage(last: GenerationOutput) -> llm_pb2.Usage:
 
 # ---------------------------------------------------------------------------- the service
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, state: ServiceState):
-        self.state = state
+    def __init__(self, service: ModelService):
+        self.service = service
 
     # -- shared steps
-    async def _start(self, context, model: str, start) -> RequestStream:
-        """Model check, then ``start()`` submits through ServiceState; errors end the call."""
+    async def _start(self, context, start) -> RequestStream:
+        """``start()`` calls the service; its errors end the call."""
         try:
-            self.state.check_model(model)
             stream = start()
-        except (PromptError, EngineError, UnknownModel) as exc:
+        except Exception as exc:  # noqa: BLE001 - every error gets its status from errors.ERRORS
             await _abort(context, exc)
         # Deadline passed or client cancelled: grpc cancels the handler, whose finally frees the
         # slot; this callback does the same however the call ends.
@@ -214,7 +185,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def _collect(self, context, stream: RequestStream) -> tuple[str, GenerationOutput]:
         try:
             text, last = await collect(stream)
-        except EngineError as exc:
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         if last is None:
             await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
@@ -222,16 +193,16 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     async def _deltas(self, context, stream: RequestStream, message_type, rid: str):
         """Text deltas, then one final message with the finish reason and usage."""
-        model = self.state.model_name
+        model = self.service.model_name
         last = None
         try:
             async for out in stream:
                 calls = getattr(out, "tool_calls", None)  # chat outputs carry finished tool calls
                 if out.text or calls:
-                    yield message_type(id=rid, model=model, text=out.text, **({"tool_calls": _tool_calls(calls)}
-                                                                             if calls else {}))
+                    yield message_type(id=rid, model=model, text=out.text,
+                                       **({"tool_calls": _tool_calls(calls)} if calls else {}))
                 last = out
-        except EngineError as exc:
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         finally:
             stream.cancel()  # the call ended early (cancel, deadline, error): free the batch slot now
@@ -240,72 +211,57 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         yield message_type(id=rid, model=model, finish_reason=_FINISH_REASONS.get(last.finish_reason, 0),
                            usage=_usage(last))
 
-    def _model_info(self):
-        engine = self.state.engine
-        if engine is None:
-            raise EngineNotReady(f"the model service is {self.state.phase.value}; the model is not loaded yet")
-        return engine.model_info
+    def _chat(self, request):
+        return lambda: self.service.start_chat(_messages(request.messages), generation_options(request),
+                                               model=request.model, **_tools(request))
+
+    def _completion(self, request):
+        return lambda: self.service.start_completion(_completion_prompt(request), generation_options(request),
+                                                     model=request.model)
 
     # -- RPCs
     async def Chat(self, request, context):
-        options, messages = generation_options(request), _messages(request.messages)
-        stream = await self._start(context, request.model, lambda: self.state.start_chat(
-            messages, options, _tool_request(request)))
+        stream = await self._start(context, self._chat(request))
         text, last = await self._collect(context, stream)
         return llm_pb2.ChatResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", model=self.state.model_name, text=text,
+            id=f"chatcmpl-{uuid.uuid4().hex}", model=self.service.model_name, text=text,
             finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last),
             tool_calls=_tool_calls(stream.tool_calls))
 
     async def ChatStream(self, request, context):
-        options, messages = generation_options(request), _messages(request.messages)
-        stream = await self._start(context, request.model, lambda: self.state.start_chat(
-            messages, options, _tool_request(request)))
+        stream = await self._start(context, self._chat(request))
         async for message in self._deltas(context, stream, llm_pb2.ChatStreamResponse,
                                           f"chatcmpl-{uuid.uuid4().hex}"):
             yield message
 
     async def Complete(self, request, context):
-        options = generation_options(request)
-        stream = await self._start(context, request.model, lambda: self.state.start_completion(
-            _completion_prompt(request), options))
+        stream = await self._start(context, self._completion(request))
         text, last = await self._collect(context, stream)
         return llm_pb2.CompleteResponse(
-            id=f"cmpl-{uuid.uuid4().hex}", model=self.state.model_name, text=text,
+            id=f"cmpl-{uuid.uuid4().hex}", model=self.service.model_name, text=text,
             finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last))
 
     async def CompleteStream(self, request, context):
-        options = generation_options(request)
-        stream = await self._start(context, request.model, lambda: self.state.start_completion(
-            _completion_prompt(request), options))
+        stream = await self._start(context, self._completion(request))
         async for message in self._deltas(context, stream, llm_pb2.CompleteStreamResponse,
                                           f"cmpl-{uuid.uuid4().hex}"):
             yield message
 
     async def CountTokens(self, request, context):
         try:
-            self.state.check_model(request.model)
-            info = self._model_info()
-            if request.messages and request.prompt:
-                raise _invalid("set only one of 'messages' and 'prompt'", "messages")
-            if request.messages:
-                count = self.state.count_prompt_tokens(messages=_messages(request.messages),
-                                                       tools=_tool_request(request))
-            elif request.prompt:
-                count = self.state.count_prompt_tokens(prompt=request.prompt)
-            else:
-                raise _invalid("set 'messages' or 'prompt'", "messages")
-        except (PromptError, EngineError, UnknownModel) as exc:
+            count = self.service.count_tokens(messages=_messages(request.messages) or None,
+                                              prompt=request.prompt or None, model=request.model, **_tools(request))
+            info = self.service.model_info()
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         return llm_pb2.CountTokensResponse(token_count=count, context_length=info.context_length)
 
     async def GetModelInfo(self, request, context):
         try:
-            self.state.check_model(request.model)
-            info = self._model_info()
-        except (EngineError, UnknownModel) as exc:
+            info = self.service.model_info(request.model)
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
-        return llm_pb2.ModelInfo(name=self.state.model_name, context_length=info.context_length,
+        return llm_pb2.ModelInfo(name=self.service.model_name, context_length=info.context_length,
                                  architecture=info.architecture, dtype=info.dtype, service_version=__version__)
 
 
@@ -316,37 +272,82 @@ class _Gate(grpc.aio.ServerInterceptor):
     Health and reflection stay open and unlogged, like /health on HTTP.
     """
 
-    def __init__(self, api_key: str | None):
-        self._key = api_key.encode() if api_key else None
+    def __init__(self, authorized: Callable[[str | None], bool]):
+        self._authorized = authorized  # ModelService.authorized: the same key check as HTTP
 
-    def _authorized(self, metadata) -> bool:
-        if self._key is None:
-            return True
+    @staticmethod
+    def _authorization(metadata) -> str | None:
         for key, value in metadata or ():
             if key == "authorization":
-                scheme, _, token = (value.decode() if isinstance(value, bytes) else value).partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
-        return False
+                return value.decode() if isinstance(value, bytes) else value
+        return None
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_OPEN_METHOD_PREFIXES):
             return handler
         method = details.method
-        if not self._authorized(details.invocation_metadata):
+        if not self._authorized(self._authorization(details.invocation_metadata)):
             async def deny(request, context):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
             behavior = deny
         else:
-            behavior = handler.unary_unary or handler.unary_stream
+            behavior = _refusing_undecodable(handler.unary_unary or handler.unary_stream)
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _logged_unary(method, behavior), handler.request_deserializer, handler.response_serializer)
+                _logged_unary(method, behavior), parse, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _logged_stream(method, behavior), handler.request_deserializer, handler.response_serializer)
+                _logged_stream(method, behavior), parse, handler.response_serializer)
         return handler  # no client-streaming methods in LlmService
+
+
+class _Undecodable:
+    """A request whose bytes did not parse (e.g. a string field that is not UTF-8)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    """grpc answers a request that fails to parse with INTERNAL, a server fault in every client's eyes;
+    it is the caller's error, so the parse error travels to the handler, which answers INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, whatever its module
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _refusing_undecodable(behavior):
+    """``behavior``, answering INVALID_ARGUMENT instead when the request did not parse (after the key check)."""
+
+    async def refuse(request, context) -> None:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request message could not be parsed (string fields must be valid UTF-8): "
+                                f"{request.error}")
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            await refuse(request, context)
+            async for message in behavior(request, context):
+                yield message
+
+        return stream
+
+    async def unary(request, context):
+        await refuse(request, context)
+        return await behavior(request, context)
+
+    return unary
 
 
 def _log_call(method: str, context, started: float, error: BaseException | None) -> None:
@@ -405,18 +406,17 @@ def _address(host: str, port: int) -> str:
 class GrpcServer:
     """The grpc.aio server of this process: LlmService, grpc.health.v1.Health, reflection."""
 
-    def __init__(self, state: ServiceState, settings: Settings | None = None):
-        self.state = state
-        self.settings = settings or state.settings
+    def __init__(self, service: ModelService, settings: Settings | None = None):
+        self.service = service
+        self.settings = settings or service.settings
         self.port: int | None = None
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         """Bind (port 0 picks a free one) and start serving; health is NOT_SERVING until set_serving."""
-        api_key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Gate(api_key)])
-        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(self.state), server)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Gate(self.service.authorized)])
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

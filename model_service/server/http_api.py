@@ -1,9 +1,11 @@
-"""The OpenAI-compatible HTTP adapter: parses requests, calls the engine, shapes responses."""
+"""The OpenAI-compatible HTTP adapter: parses requests into ``ModelService`` calls, shapes its answers.
+
+Validation, policy and the engine are the service's; errors take their form from ``errors.ERRORS``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -18,14 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service import __version__
-from model_service.llm.chat import PromptError
-from model_service.llm.engine import EngineError, RequestStream, collect
-from model_service.llm.requests import UnknownModel
-from model_service.llm.tools import parse_tool_request
+from model_service.llm.engine import RequestStream, collect
+from model_service.llm.errors import InvalidRequest, ServiceError
+from model_service.llm.requests import GenerationOptions
 
-from .errors import ApiError, from_exception, invalid
+from .errors import ApiError, invalid
 from .openai_schema import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from .state import ServiceState
+from .service import ModelService
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("model_service.access")
@@ -67,6 +68,41 @@ class BodySizeLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class BodyReadTimeout:
+    """A request body that has not fully arrived ``timeout_s`` after the app began reading it gets 408 and
+    the connection is closed (pure ASGI). A deadline for the whole body, so trickling bytes does not help.
+    The headers' own timeout is in http_server.py."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal deadline, body_done
+            if body_done:  # after the body: waiting for a disconnect, which may take as long as it likes
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                # an HTTPException, because FastAPI turns any other error while reading the body into 400
+                raise StarletteHTTPException(408, f"request body not received within {self.timeout_s:g} s",
+                                             headers={"Connection": "close"}) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)
 
 
 class AccessLog:
@@ -112,10 +148,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return invalid(f"invalid value for '{param}': {err.get('msg', 'invalid')}", param, "invalid_type")
 
 
-def create_app(state: ServiceState) -> FastAPI:
-    settings = state.settings
+def create_app(service: ModelService) -> FastAPI:
+    settings = service.settings
     app = FastAPI(title="model-service", version=__version__, docs_url="/docs", redoc_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.http_read_timeout_s)
 
     app.add_middleware(AccessLog)
 
@@ -123,28 +160,26 @@ def create_app(state: ServiceState) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError):
         return exc.response()
 
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError):
+        return ApiError.of(exc).response()
+
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
+    async def _invalid_body(_: Request, exc: RequestValidationError):
         return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", None, kind).response()
+        kind = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(exc.status_code, "http_error")
+        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", None, kind, exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
-        return from_exception(exc).response()
-
-    expected_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        return ApiError.of(exc).response()
 
     async def require_api_key(request: Request) -> None:
-        if expected_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected_key):
+        if not service.authorized(request.headers.get("authorization")):
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", None, "invalid_api_key")
 
@@ -155,23 +190,23 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.get("/health/ready", include_in_schema=False)
     async def ready():
-        if state.ready:
-            return {"status": "ready", "model": state.model_name}
-        return JSONResponse({"status": state.phase.value, "model": state.model_name}, status_code=503)
+        if service.ready:
+            return {"status": "ready", "model": service.model_name}
+        return JSONResponse({"status": service.phase.value, "model": service.model_name}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():
-        return PlainTextResponse(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---------------------------------------------------------------- OpenAI API
     def model_card() -> dict:
-        info = state.engine.model_info if state.engine else None
-        card = {"id": state.model_name, "object": "model", "created": int(state_started), "owned_by": "model-service"}
+        info = service.engine.model_info if service.engine else None
+        card = {"id": service.model_name, "object": "model", "created": int(started), "owned_by": "model-service"}
         if info:
             card["max_model_len"] = info.context_length
         return card
 
-    state_started = time.time()
+    started = time.time()
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def list_models():
@@ -179,39 +214,24 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
     async def get_model(model_id: str):
-        if model_id != state.model_name:
-            raise _unknown_model(model_id)
+        service.check_model(model_id)
         return model_card()
-
-    def _unknown_model(name: str) -> ApiError:
-        return from_exception(UnknownModel(name, state.model_name))
-
-    def prepare(body: _SamplingFields, start) -> RequestStream:
-        """Checks common to both endpoints, then ``start(options)`` submits to the engine."""
-        try:
-            state.check_model(body.model)
-            problem = body.unsupported()
-            if problem:
-                raise invalid(problem[1], problem[0], "unsupported_parameter")
-            return start(body.generation_options())
-        except (PromptError, EngineError, UnknownModel) as exc:
-            raise from_exception(exc) from None
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        stream = prepare(body, lambda options: state.start_chat(
-            messages, options, parse_tool_request(body.tools, body.tool_choice)))
+        stream = service.start_chat(messages, _options(body), model=body.model, tools=body.tools,
+                                    tool_choice=body.tool_choice)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return _sse(_chat_chunks(stream, rid, created, state.model_name, body.include_usage))
+            return _sse(_chat_chunks(stream, rid, created, service.model_name, body.include_usage))
         text, last = await _collect(stream, request)
         message = {"role": "assistant", "content": text}
         if stream.tool_calls:  # OpenAI sends content null next to tool calls unless there was text
             message = {"role": "assistant", "content": text or None,
                        "tool_calls": [call.openai() for call in stream.tool_calls]}
         return {
-            "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+            "id": rid, "object": "chat.completion", "created": created, "model": service.model_name,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}],
             "usage": _usage(last),
         }
@@ -225,20 +245,28 @@ def create_app(state: ServiceState) -> FastAPI:
             prompt = prompt[0]
         if body.suffix:
             raise invalid("suffix is not supported by this server", "suffix", "unsupported_parameter")
-        stream = prepare(body, lambda options: state.start_completion(prompt, options))
+        stream = service.start_completion(prompt, _options(body), model=body.model)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return _sse(_completion_chunks(stream, rid, created, state.model_name, body.include_usage))
+            return _sse(_completion_chunks(stream, rid, created, service.model_name, body.include_usage))
         text, last = await _collect(stream, request)
         return {
-            "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+            "id": rid, "object": "text_completion", "created": created, "model": service.model_name,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
             "usage": _usage(last),
         }
 
-    if not expected_key:
+    if not settings.api_key:
         log.info("no API key configured: /v1 is open (set MODEL_SERVICE_API_KEY behind an untrusted network)")
     return app
+
+
+def _options(body: _SamplingFields) -> GenerationOptions:
+    """The request's sampling options; fields of the OpenAI API this server cannot honour are a 400."""
+    problem = body.unsupported()
+    if problem:
+        raise InvalidRequest(problem[1], problem[0], "unsupported_parameter")
+    return body.generation_options()
 
 
 def _usage(last) -> dict:
@@ -256,9 +284,7 @@ async def _collect(stream: RequestStream, request: Request):
 
     watcher = asyncio.create_task(watch_disconnect())
     try:
-        text, last = await collect(stream)
-    except EngineError as exc:
-        raise from_exception(exc) from None
+        text, last = await collect(stream)  # a ServiceError here becomes its error response
     finally:
         watcher.cancel()
     if last is None:  # cancelled because the client left: nobody reads this
@@ -290,8 +316,8 @@ async def _stream_outputs(stream: RequestStream, on_output, on_final, include_us
         yield on_final(last.finish_reason)
         if include_usage:
             yield {**frame([]), "usage": _usage(last)}
-    except EngineError as exc:
-        yield from_exception(exc).body()
+    except ServiceError as exc:  # the response has started: the error travels as the last event
+        yield ApiError.of(exc).body()
     finally:
         stream.cancel()  # the client went away (generator closed): free the batch slot now
 

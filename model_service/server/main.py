@@ -15,12 +15,14 @@ from model_service.config import Settings
 from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.loader import ModelLoadError, load_model, resolve_model_source
 
-from .dynamic_config import DynamicConfig, PolicyError
+from .dynamic_config import DynamicConfig
 from .grpc_api import GrpcBindError, GrpcServer
 from .http_api import create_app
+from .http_server import uvicorn_config
 from .logging_setup import configure_logging
 from .nacos import NacosRegistrar
-from .state import Phase, ServiceState
+from .policy import PolicyError
+from .service import ModelService, Phase
 
 log = logging.getLogger("model_service")
 
@@ -86,23 +88,20 @@ async def serve(settings: Settings) -> int:
     except ModelLoadError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    state = ServiceState(settings, settings.served_model_name or default_name)
+    service = ModelService(settings, settings.served_model_name or default_name)
     try:
-        dynamic = DynamicConfig(settings, state)  # operator policy: --policy-file now, Nacos's document later
+        # operator policy: --policy-file now, Nacos's document later
+        dynamic = DynamicConfig(settings, on_policy=service.apply_policy)
     except PolicyError as exc:
         log.error("cannot start: %s", exc)
         return 2
 
     http_sock = bind_socket(settings.host, settings.http_port)
     http_port = http_sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(state), log_config=None, access_log=False, lifespan="off",
-        timeout_keep_alive=30, timeout_graceful_shutdown=5,
-    )
-    http_server = _Uvicorn(config)
+    http_server = _Uvicorn(uvicorn_config(create_app(service), settings))
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]), name="http")
     log.info("http listening", extra={"host": settings.host, "http_port": http_port})
-    grpc_server = GrpcServer(state, settings)
+    grpc_server = GrpcServer(service, settings)
     try:
         grpc_port = await grpc_server.start()  # health NOT_SERVING until the model is ready
     except GrpcBindError as exc:
@@ -125,7 +124,7 @@ async def serve(settings: Settings) -> int:
     load_task = _in_daemon_thread(lambda: load_model(
         settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code,
         threads=settings.resolved_threads(), max_model_len=settings.max_model_len,
-        served_model_name=state.model_name,
+        served_model_name=service.model_name,
     ))
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({load_task, stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,37 +134,36 @@ async def serve(settings: Settings) -> int:
             loaded = load_task.result()
         except ModelLoadError as exc:
             log.error("cannot start: %s", exc)
-            state.phase, exit_code = Phase.FAILED, 2
+            service.phase, exit_code = Phase.FAILED, 2
             stop.set()
         except Exception:
             log.exception("cannot start: the model failed to load")
-            state.phase, exit_code = Phase.FAILED, 1
+            service.phase, exit_code = Phase.FAILED, 1
             stop.set()
         else:
-            engine = Engine(loaded, engine_limits(settings), state.metrics)
+            engine = Engine(loaded, engine_limits(settings), service.metrics)
             engine.start()
-            state.engine = engine
-            dynamic.attach(engine)
-            state.phase = Phase.READY
+            service.attach_engine(engine)
+            service.phase = Phase.READY
             await grpc_server.set_serving(True)
-            log.info("ready", extra={"model": state.model_name, "http_port": http_port, "grpc_port": grpc_port})
-            await registrar.register(http_port, grpc_port, state.model_name)
+            log.info("ready", extra={"model": service.model_name, "http_port": http_port, "grpc_port": grpc_port})
+            await registrar.register(http_port, grpc_port, service.model_name)
             await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
     if http_task.done() and http_task.exception():
         log.error("http server failed: %s", http_task.exception())
         exit_code = 1
 
     # Shutdown order: stop taking work (readiness 503), let running requests finish, then close.
-    log.info("shutting down", extra={"in_flight": state.engine.in_flight if state.engine else 0})
+    log.info("shutting down", extra={"in_flight": service.engine.in_flight if service.engine else 0})
     await registrar.deregister()  # first, so discovery stops sending traffic here
-    if state.phase is Phase.READY:
-        state.phase = Phase.DRAINING
+    if service.phase is Phase.READY:
+        service.phase = Phase.DRAINING
     await grpc_server.set_serving(False)
-    if state.engine is not None:
-        drained = await state.engine.drain(settings.drain_timeout_s)
+    if service.engine is not None:
+        drained = await service.engine.drain(settings.drain_timeout_s)
         if not drained:
-            log.warning("drain timeout: ending the remaining requests", extra={"in_flight": state.engine.in_flight})
-        await asyncio.to_thread(state.engine.shutdown)
+            log.warning("drain timeout: ending the remaining requests", extra={"in_flight": service.engine.in_flight})
+        await asyncio.to_thread(service.engine.shutdown)
     await grpc_server.stop(grace=5)
     http_server.should_exit = True
     with contextlib.suppress(Exception):

@@ -110,10 +110,6 @@ class NacosRegistrar:
         self._workdir: str | None = None
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    @property
-    def registered(self) -> bool:
-        return self._registered
-
     def _where(self) -> dict:
         return {"nacos_server": self.settings.nacos_server, "service": self.settings.nacos_service_name,
                 "group": self.settings.nacos_group}

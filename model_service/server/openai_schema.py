@@ -9,30 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model
 
-from model_service.llm.requests import GenerationOptions
+from model_service.llm.requests import SAMPLING_FIELDS, GenerationOptions
+
+_WIRE_TYPES = {"int": StrictInt, "float": float, "bool": StrictBool, "stop": str | list[str]}
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
+# The sampling parameters, typed for JSON (ranges are checked by llm.requests, for gRPC too).
+_SamplingParameters = create_model(
+    "_SamplingParameters",
+    __config__=ConfigDict(extra="allow"),
+    **{f.name: (_WIRE_TYPES[f.kind] | None, Field(None, description=f.description)) for f in SAMPLING_FIELDS},
+)
 
+
+class _SamplingFields(_SamplingParameters):
     model: str | None = None
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: StrictInt | None = None
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: StrictBool | None = None  # vLLM's extension, for benchmarks
+    max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens; wins when both are set
     n: StrictInt | None = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -58,18 +56,10 @@ class _SamplingFields(BaseModel):
         return None
 
     def generation_options(self) -> GenerationOptions:
-        return GenerationOptions(
-            max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=self.stop,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            ignore_eos=self.ignore_eos,
-        )
+        options = GenerationOptions(**{f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
+        if self.max_completion_tokens is not None:
+            options.max_tokens = self.max_completion_tokens
+        return options
 
     @property
     def include_usage(self) -> bool:
@@ -84,8 +74,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    # Checked and interpreted by llm.tools.parse_tool_request, so gRPC gets the same rules.
+    messages: list[ChatMessage]  # emptiness is checked by the service, for gRPC too
+    # Checked and interpreted by llm.tools.parse_tool_request, for gRPC too.
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
