@@ -170,7 +170,9 @@ Booleans take `--flag` / `--no-flag` on the command line and `true`/`false` in t
 A YAML document in the Nacos config `--nacos-config-data-id` (default `model-service.yaml`, group
 `--nacos-group`), or in `--policy-file` when Nacos has none. Changes apply to new requests within seconds,
 without a restart; a document that does not validate is refused (logged) and the previous policy stays.
-Unknown keys are errors.
+Unknown keys are errors. Each pod logs every version it applies (`policy applied`: the source, i.e. the
+Nacos namespace/group/data id or the file path, and the document's MD5, as the Nacos console and history
+show it), never the document's content.
 
 {policy_tables()}"""
 

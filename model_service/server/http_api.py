@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service import __version__
-from model_service.llm.engine import RequestStream, collect
+from model_service.llm.engine import EngineNotReady, RequestStream, collect
 from model_service.llm.errors import InvalidRequest, ServiceError
 from model_service.llm.requests import GenerationOptions
 
@@ -200,10 +200,11 @@ def create_app(service: ModelService) -> FastAPI:
 
     # ---------------------------------------------------------------- OpenAI API
     def model_card() -> dict:
-        info = service.engine.model_info if service.engine else None
         card = {"id": service.model_name, "object": "model", "created": int(started), "owned_by": "model-service"}
-        if info:
-            card["max_model_len"] = info.context_length
+        try:
+            card["max_model_len"] = service.model_info().context_length
+        except EngineNotReady:
+            pass  # still loading: the card without the context length
         return card
 
     started = time.time()

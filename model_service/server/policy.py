@@ -95,7 +95,10 @@ class Policy(BaseModel):
     blocked_patterns: list[str] = Field(
         default_factory=list,
         description="Regular expressions (case-insensitive; a plain word is one) refused in input and cut from "
-        "output.")
+        f"output. At most {MAX_BLOCKED_PATTERNS}, each at most {MAX_PATTERN_LENGTH} characters; a pattern that "
+        "backtracks catastrophically is refused. Each scan may take at most "
+        f"{MATCH_TIMEOUT_S} s; a scan that runs out of time counts as a match (the request is refused, the "
+        "output ends with finish_reason content_filter).")
     default_generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     max_running_requests: int | None = Field(None, ge=1)
     max_waiting_requests: int | None = Field(None, ge=0)
