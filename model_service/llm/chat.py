@@ -12,13 +12,17 @@ import jinja2
 
 from .errors import InvalidRequest
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Roles whose message may have no content (OpenAI: an assistant turn that only carries tool calls).
 CONTENT_OPTIONAL = ("assistant",)
 
 
 def normalize_messages(messages: Sequence[dict]) -> list[dict]:
-    """OpenAI messages -> plain {role, content: str} dicts the chat templates expect."""
+    """OpenAI messages -> plain {role, content: str} dicts the chat templates expect.
+
+    An assistant message keeps its ``tool_calls`` and a ``tool`` message its ``tool_call_id`` (validated here);
+    only the tool-calling formats of ``llm.tools`` render them.
+    """
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message", "messages")
     out = []
@@ -49,9 +53,35 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string or a list of text parts",
-                              f"messages.{i}.content")
+                                 f"messages.{i}.content")
         check_encodable(content, f"messages.{i}.content", f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        normalized = {"role": role, "content": content}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            normalized["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str) or not message["tool_call_id"]:
+                raise InvalidRequest(f"messages[{i}].tool_call_id is required for a 'tool' message",
+                                     f"messages.{i}.tool_call_id")
+            normalized["tool_call_id"] = message["tool_call_id"]
+        out.append(normalized)
+    return out
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's OpenAI ``tool_calls``, checked: [{id, type: function, function: {name, arguments}}]."""
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be an array", f"messages.{i}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or call.get("type", "function") != "function"
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str)):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] must be {{\"id\", \"type\": \"function\", "
+                                 "\"function\": {\"name\": string, \"arguments\": string}}",
+                                 f"messages.{i}.tool_calls.{j}")
+        check_encodable(function["arguments"], f"messages.{i}.tool_calls.{j}.function.arguments")
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": function["arguments"]}})
     return out
 
 

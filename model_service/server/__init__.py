@@ -10,8 +10,9 @@ A request's path, for HTTP and gRPC alike::
             │                   policy, prompt encoding, submit to the engine
             ├──▶ policy.py      the operator policy: schema, content scanner, stream filter, persona, defaults
             ▼
-    model_service.llm           chat formatting, request validation (llm/requests.py: the sampling fields),
-                                the batching engine; raises the llm/errors.py family
+    model_service.llm           chat formatting, tool calling (llm/tools.py: tools in the model's format,
+                                calls parsed from its answer), request validation (llm/requests.py: the
+                                sampling fields), the batching engine; raises the llm/errors.py family
 
     errors.py                   the one table of error forms (HTTP status, OpenAI type/code, gRPC status)
     dynamic_config.py           the policy's sources (Nacos document, --policy-file), hot-reloaded, handed

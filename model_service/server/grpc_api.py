@@ -17,6 +17,7 @@ Lifecycle, driven by ``server.main.serve``::
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 import uuid
@@ -73,6 +74,13 @@ _FINISH_REASONS = {
     "stop": llm_pb2.FINISH_REASON_STOP,
     "length": llm_pb2.FINISH_REASON_LENGTH,
     "content_filter": llm_pb2.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": llm_pb2.FINISH_REASON_TOOL_CALLS,
+}
+_TOOL_CHOICE_MODES = {
+    llm_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "auto",
+    llm_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    llm_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    llm_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
 }
 
 
@@ -104,7 +112,44 @@ def generation_options(request) -> GenerationOptions:
 
 
 def _messages(messages) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+    """Proto messages -> the OpenAI shapes the service validates."""
+    out = []
+    for m in messages:
+        message = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
+def _tools(request) -> dict:
+    """ChatRequest / CountTokensRequest ``tools`` and ``tool_choice`` -> the OpenAI shapes (keyword arguments)."""
+    tools = []
+    for i, tool in enumerate(request.tools):
+        function = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters_json:
+            try:
+                function["parameters"] = json.loads(tool.parameters_json)
+            except ValueError:
+                raise InvalidRequest(f"tools[{i}].parameters_json is not valid JSON",
+                                     f"tools.{i}.parameters_json") from None
+        tools.append({"type": "function", "function": function})
+    choice = None
+    if request.HasField("tool_choice"):
+        if request.tool_choice.WhichOneof("choice") == "function":
+            choice = {"type": "function", "function": {"name": request.tool_choice.function}}
+        else:
+            choice = _TOOL_CHOICE_MODES.get(request.tool_choice.mode, "auto")
+    return {"tools": tools or None, "tool_choice": choice}
+
+
+def _tool_calls(calls) -> list:
+    return [llm_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 def _completion_prompt(request) -> str | list[int]:
@@ -152,8 +197,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         last = None
         try:
             async for out in stream:
-                if out.text:
-                    yield message_type(id=rid, model=model, text=out.text)
+                calls = getattr(out, "tool_calls", None)  # chat outputs carry finished tool calls
+                if out.text or calls:
+                    yield message_type(id=rid, model=model, text=out.text,
+                                       **({"tool_calls": _tool_calls(calls)} if calls else {}))
                 last = out
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
@@ -166,7 +213,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     def _chat(self, request):
         return lambda: self.service.start_chat(_messages(request.messages), generation_options(request),
-                                               model=request.model)
+                                               model=request.model, **_tools(request))
 
     def _completion(self, request):
         return lambda: self.service.start_completion(_completion_prompt(request), generation_options(request),
@@ -178,7 +225,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         text, last = await self._collect(context, stream)
         return llm_pb2.ChatResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}", model=self.service.model_name, text=text,
-            finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last))
+            finish_reason=_FINISH_REASONS.get(last.finish_reason, 0), usage=_usage(last),
+            tool_calls=_tool_calls(stream.tool_calls))
 
     async def ChatStream(self, request, context):
         stream = await self._start(context, self._chat(request))
@@ -202,7 +250,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def CountTokens(self, request, context):
         try:
             count = self.service.count_tokens(messages=_messages(request.messages) or None,
-                                              prompt=request.prompt or None, model=request.model)
+                                              prompt=request.prompt or None, model=request.model, **_tools(request))
             info = self.service.model_info()
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)

@@ -220,16 +220,20 @@ def create_app(service: ModelService) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        messages = [m.model_dump() for m in body.messages]
-        stream = service.start_chat(messages, _options(body), model=body.model)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        stream = service.start_chat(messages, _options(body), model=body.model, tools=body.tools,
+                                    tool_choice=body.tool_choice)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return _sse(_chat_chunks(stream, rid, created, service.model_name, body.include_usage))
         text, last = await _collect(stream, request)
+        message = {"role": "assistant", "content": text}
+        if stream.tool_calls:  # OpenAI sends content null next to tool calls unless there was text
+            message = {"role": "assistant", "content": text or None,
+                       "tool_calls": [call.openai() for call in stream.tool_calls]}
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": service.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": last.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}],
             "usage": _usage(last),
         }
 
@@ -300,12 +304,15 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _stream_outputs(stream: RequestStream, on_output, on_final, include_usage: bool, frame):
-    """The shared streaming loop: deltas, a final chunk with finish_reason, optional usage, errors."""
+    """The shared streaming loop: deltas, a final chunk with finish_reason, optional usage, errors.
+
+    ``on_output(out)`` gives the chunks of one engine output (none when it has nothing to show yet).
+    """
     last = None
     try:
         async for out in stream:
-            if out.text:
-                yield on_output(out.text)
+            for chunk in on_output(out):
+                yield chunk
             last = out
         yield on_final(last.finish_reason)
         if include_usage:
@@ -323,13 +330,28 @@ def _chat_chunks(stream, rid, created, model, include_usage):
             chunk["usage"] = None
         return chunk
 
+    def delta(delta: dict) -> dict:
+        return frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    calls = 0
+
+    def chunks(out) -> list[dict]:
+        """Text, then each finished tool call as OpenAI streams one: id and name first, then its arguments."""
+        nonlocal calls
+        out_chunks = [delta({"content": out.text})] if out.text else []
+        for call in out.tool_calls:
+            out_chunks.append(delta({"tool_calls": [{"index": calls, "id": call.id, "type": "function",
+                                                     "function": {"name": call.name, "arguments": ""}}]}))
+            out_chunks.append(delta({"tool_calls": [{"index": calls, "function": {"arguments": call.arguments}}]}))
+            calls += 1
+        return out_chunks
+
     async def gen():
         yield frame([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                  "logprobs": None, "finish_reason": None}])
         async for chunk in _stream_outputs(
             stream,
-            lambda text: frame([{"index": 0, "delta": {"content": text}, "logprobs": None,
-                                            "finish_reason": None}]),
+            chunks,
             lambda reason: frame([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]),
             include_usage, frame,
         ):
@@ -347,7 +369,8 @@ def _completion_chunks(stream, rid, created, model, include_usage):
 
     return _stream_outputs(
         stream,
-        lambda text: frame([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]),
+        lambda out: [frame([{"index": 0, "text": out.text, "logprobs": None, "finish_reason": None}])] if out.text
+        else [],
         lambda reason: frame([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}]),
         include_usage, frame,
     )

@@ -43,8 +43,10 @@ class _SamplingFields(_SamplingParameters):
         extra = self.model_extra or {}
         if extra.get("logprobs") or extra.get("top_logprobs"):
             return "logprobs", "logprobs are not supported by this server"
-        if extra.get("tools") or extra.get("functions"):
-            return "tools", "tool calling is not supported by this server"
+        if extra.get("functions") or extra.get("function_call"):
+            return "functions", "'functions' and 'function_call' are deprecated; send 'tools' and 'tool_choice'"
+        if extra.get("tools") or extra.get("tool_choice"):
+            return "tools", "tools are only supported by /v1/chat/completions"
         if extra.get("best_of") not in (None, 1):
             return "best_of", "best_of is not supported by this server"
         if extra.get("echo"):
@@ -73,6 +75,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]  # emptiness is checked by the service, for gRPC too
+    # Checked and interpreted by llm.tools.parse_tool_request, for gRPC too.
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from model_service.config import Settings
-from model_service.llm.chat import encode_chat, encode_completion, normalize_messages
+from model_service.llm.chat import encode_completion, normalize_messages
 from model_service.llm.engine import Engine, EngineNotReady, RequestStream
 from model_service.llm.errors import InvalidRequest, UnknownModel
 from model_service.llm.loader import LoadedModel
 from model_service.llm.metrics import EngineMetrics
 from model_service.llm.requests import GenerationOptions, to_sampling_params
+from model_service.llm.tools import ChatPrompt, ChatStream, ToolRequest, encode_chat_prompt, parse_tool_request
 
 from .policy import ActivePolicy, Policy
 
@@ -112,16 +113,18 @@ class ModelService:
         return self.engine.model_info
 
     # ------------------------------------------------------------------ the one request path
-    def start_chat(self, messages: list[dict], options: GenerationOptions, *,
-                   model: str | None = None) -> RequestStream:
-        """Validate, apply the policy, encode and submit a chat; the stream yields the generated text."""
+    def start_chat(self, messages: list[dict], options: GenerationOptions, *, model: str | None = None,
+                   tools: list | None = None, tool_choice: str | dict | None = None) -> ChatStream:
+        """Validate, apply the policy, encode and submit a chat; the stream yields the generated text and,
+        with ``tools`` (OpenAI's ``tools`` / ``tool_choice``), the tool calls parsed from the answer."""
         self.check_model(model)
         engine = self.ready_engine()
         policy = self.policy  # one snapshot for the whole request, whatever reloads meanwhile
         messages = normalize_messages(messages)
+        tool_request = parse_tool_request(tools, tool_choice)
         policy.check_input([(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)])
-        prompt_ids = _chat_ids(engine.model_info, policy, messages)
-        return self._submit(engine, prompt_ids, options, policy)
+        prompt = _chat_prompt(engine.model_info, policy, messages, tool_request)
+        return ChatStream(self._submit(engine, prompt.ids, options, policy), prompt)
 
     def start_completion(self, prompt: str | list[int], options: GenerationOptions, *,
                          model: str | None = None) -> RequestStream:
@@ -136,7 +139,8 @@ class ModelService:
         return self._submit(engine, prompt_ids, options, policy)
 
     def count_tokens(self, *, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
-                     model: str | None = None) -> int:
+                     model: str | None = None, tools: list | None = None,
+                     tool_choice: str | dict | None = None) -> int:
         """The prompt tokens start_chat(messages) / start_completion(prompt) would use (persona included).
 
         Needs the model loaded, not the service ready: counting works while draining too.
@@ -145,7 +149,8 @@ class ModelService:
         if messages and prompt:
             raise InvalidRequest("set only one of 'messages' and 'prompt'", "messages")
         if messages:
-            return len(_chat_ids(info, self.policy, normalize_messages(messages)))
+            messages = normalize_messages(messages)
+            return len(_chat_prompt(info, self.policy, messages, parse_tool_request(tools, tool_choice)).ids)
         if prompt:
             return len(_completion_ids(info, prompt))
         raise InvalidRequest("set 'messages' or 'prompt'", "messages")
@@ -163,8 +168,10 @@ class ModelService:
 
 
 # How a request's prompt becomes token ids: one place, so count_tokens counts what generation will use.
-def _chat_ids(info: LoadedModel, policy: ActivePolicy, messages: list[dict]) -> list[int]:
-    return encode_chat(info.tokenizer, policy.apply_persona(messages))
+def _chat_prompt(info: LoadedModel, policy: ActivePolicy, messages: list[dict],
+                 tools: ToolRequest | None) -> ChatPrompt:
+    return encode_chat_prompt(info.tokenizer, info.chat_family, info.architecture, policy.apply_persona(messages),
+                              tools)
 
 
 def _completion_ids(info: LoadedModel, prompt: str | list[int]) -> list[int]:
