@@ -496,6 +496,11 @@ STABLE_AFTER_S = 60.0  # a pod ready for this long starts its back-off afresh wh
 GIVE_UP_AFTER_FAILED_STARTS = 4  # restarts in a row that never got ready (a broken model): stop the stack
 
 
+def restart_delay(crashes: int) -> float:
+    """The wait before restarting a pod that crashed ``crashes`` times in a row (1, 2, 4, ... at most the cap)."""
+    return min(RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_S * 2 ** (crashes - 1))
+
+
 class PodSupervisor:
     """Restarts a model service that dies once the stack is up, as a Deployment restarts its pods, while the
     gateway routes around it (it drops the pod from Nacos's list, its retry moves requests to the other pods).
@@ -556,7 +561,7 @@ class PodSupervisor:
         elif now - self.ready_at >= STABLE_AFTER_S:
             self.crashes = 0
         self.crashes += 1
-        delay = min(RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_S * 2 ** (self.crashes - 1))
+        delay = restart_delay(self.crashes)
         self.restart_at = now + delay
         say(f"{self.name} exited with {how}; restarting it in {delay:.0f}s (crash {self.crashes} in a row; "
             f"log {rel(self.part.log_path)}). The gateway routes to the other pods meanwhile.")
