@@ -15,8 +15,9 @@ elapsed() { local s=$((SECONDS - start)); printf '%dm%02ds' $((s / 60)) $((s % 6
 
 start=$SECONDS
 echo "[setup] $name: $what (usually $usual on 2 cores; log $log)"
+# the sleep must not hold our stdout: a pipe reading it (`make run | tee`) would wait for the sleep to end
 (
-  while sleep 60; do echo "[setup] $name: still running, $(elapsed) so far (usually $usual)"; done
+  while sleep 60 </dev/null >/dev/null 2>&1; do echo "[setup] $name: still running, $(elapsed) so far (usually $usual)"; done
 ) &
 ticker=$!
 trap 'kill $ticker 2>/dev/null' EXIT
