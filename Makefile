@@ -96,7 +96,8 @@ serve: install
 
 # The local stack (scripts/run_stack.py): r-nacos on 8848/9848, REPLICAS model services (HTTP 8000+i, gRPC
 # 50051+i) registered in it, the gateway on 8080; prints a development API key and a curl. Ctrl-C stops it:
-# gateway, then model services (deregister + drain), then Nacos. Data and logs under .run/.
+# gateway, then model services (deregister + drain), then Nacos. A model service that dies is restarted with a
+# bounded back-off while the others serve (REPLICAS=2 to watch a failover). Data and logs under .run/.
 # Extra model-service flags: make run SERVE_ARGS="--model /models/glm-4-9b-chat-hf".
 REPLICAS ?= 1
 SERVE_ARGS ?=
@@ -104,7 +105,9 @@ SERVE_ARGS ?=
 run: setup
 	$(PY) scripts/run_stack.py --replicas $(REPLICAS) $(if $(strip $(SERVE_ARGS)),-- $(SERVE_ARGS))
 
-test: setup java-test
+# java-test from the recipe: after setup even under make -j (never a second Maven build beside setup's)
+test: setup
+	@$(MAKE) --no-print-directory java-test
 	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 $(PY) -m pytest
 
 # Engine benchmark in float32 and bfloat16 (each: service vs naive wrapper vs batched generate, one run).
