@@ -14,7 +14,15 @@ instances on loopback addresses.
 Prints how to call it, then waits. Ctrl-C (SIGINT) or SIGTERM stops the parts in order: the gateway
 first (no new traffic), then the model services with SIGTERM (they deregister from Nacos and finish
 their running requests), then Nacos. A second Ctrl-C kills what is left at once. When any part fails
-to start or dies later, the others are stopped and the tail of its log is printed.
+to start, the others are stopped and the tail of its log is printed.
+
+Once the stack is up it behaves like the deployments it stands for: a model service that dies (a crash, an
+OOM kill, `kill -9` to see the failover) is restarted on its ports with a bounded exponential back-off (1 s,
+doubled per crash in a row, at most 30 s) while the gateway routes to the other pods; it registers in Nacos
+again by itself. A pod that keeps dying before it is ready (4 restarts in a row: a broken model) stops the
+stack with its log's tail. Nacos or the gateway dying stops the stack, with its log's tail: here each is a
+single instance, so its death is an outage anyway, and stopping loudly shows what broke it rather than
+bouncing it (in Kubernetes their own Deployments restart them).
 
 Options: --replicas N (model services; `make run REPLICAS=2`), ports (--gateway-port,
 --gateway-management-port, --nacos-port, --http-port, --grpc-port: the first replica's, +1 per replica),
@@ -114,9 +122,10 @@ class Part:
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Part:
+    def start(self, append: bool = False) -> Part:
+        """``append``: a restart adds to the log (the lines before a crash stay); a new stack starts a new one."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:  # one run per log
+        with open(self.log_path, "ab" if append else "wb") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.cmd)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env if self.env is not None else os.environ,
@@ -443,8 +452,129 @@ def start_gateway(args, internal_key: str, api_key: str, accounts: NacosAccounts
     return Part("gateway", cmd, logs / "gateway.log", env=env, stop_timeout=35)
 
 
-def models_ready(port: int) -> bool:
-    return http("GET", f"http://127.0.0.1:{port}/health/ready")[0] == 200
+def models_ready(port: int, timeout: float = 5) -> bool:
+    return http("GET", f"http://127.0.0.1:{port}/health/ready", timeout=timeout)[0] == 200
+
+
+class NacosRegistry:
+    """The model services' instances as Nacos lists them, read with the service account (one login, renewed
+    when refused: r-nacos limits logins per minute)."""
+
+    def __init__(self, port: int, accounts: NacosAccounts):
+        self.port, self.accounts = port, accounts
+        self._token: str | None = None
+
+    def healthy_ports(self) -> set[int]:
+        for _ in range(2):
+            self._token = self._token or self.accounts.token(self.port)
+            status, text = http("GET", f"http://127.0.0.1:{self.port}/nacos/v1/ns/instance/list?"
+                                "serviceName=model-service&groupName=DEFAULT_GROUP",
+                                headers={"accessToken": self._token or ""})
+            if status == 200:
+                return {h["port"] for h in json.loads(text).get("hosts") or [] if h.get("healthy", True)}
+            self._token = None
+        return set()
+
+
+def say(message: str) -> None:
+    """A line of the running stack's own log (this terminal), with the time: it runs for hours."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- restarts
+def _answers(check) -> bool:
+    """``check()``, False when what it asks is not listening (yet) or answers nonsense."""
+    try:
+        return bool(check())
+    except (OSError, ValueError):  # URLError, refused, reset and timeouts are all OSErrors
+        return False
+
+
+RESTART_BACKOFF_S = 1.0  # the first restart of a pod that died; doubled for each crash in a row ...
+RESTART_BACKOFF_CAP_S = 30.0  # ... up to this
+STABLE_AFTER_S = 60.0  # a pod ready for this long starts its back-off afresh when it dies again
+GIVE_UP_AFTER_FAILED_STARTS = 4  # restarts in a row that never got ready (a broken model): stop the stack
+
+
+def restart_delay(crashes: int) -> float:
+    """The wait before restarting a pod that crashed ``crashes`` times in a row (1, 2, 4, ... at most the cap)."""
+    return min(RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_S * 2 ** (crashes - 1))
+
+
+class PodSupervisor:
+    """Restarts a model service that dies once the stack is up, as a Deployment restarts its pods, while the
+    gateway routes around it (it drops the pod from Nacos's list, its retry moves requests to the other pods).
+
+    Non-blocking: ``step()`` runs from the watch loop every half second and does one thing at most (start a due
+    restart, notice an exit, poll readiness or the registration), so several pods can be down at once. A pod
+    that dies waits RESTART_BACKOFF_S, doubled for each crash in a row, at most RESTART_BACKOFF_CAP_S; a pod
+    ready for STABLE_AFTER_S is healthy again. GIVE_UP_AFTER_FAILED_STARTS restarts in a row that exit (or
+    miss --ready-timeout) before they are ready raise StartError, which stops the stack with the log's tail.
+    """
+
+    def __init__(self, index: int, part: Part, http_port: int, ready_timeout: float, registry: NacosRegistry):
+        self.index, self.part, self.http_port = index, part, http_port
+        self.ready_timeout, self.registry = ready_timeout, registry
+        now = time.monotonic()
+        self.started_at, self.ready_at = now, now  # handed over running and ready (start-up checked both)
+        self.registered = True
+        self.crashes = 0  # in a row, for the back-off
+        self.failed_starts = 0  # in a row, for giving up
+        self.restarts = 0
+        self.restart_at: float | None = None
+        self.down_since: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.part.name
+
+    def step(self, now: float) -> None:
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self._restart(now)
+            return
+        code = self.part.exited()
+        if code is not None:
+            self._died(code, now)
+        elif self.ready_at is None:
+            if now - self.started_at > self.ready_timeout:
+                say(f"{self.name} not ready in {self.ready_timeout:.0f}s: killing it")
+                self.part.proc.kill()  # the next step counts a failed start
+            elif _answers(lambda: models_ready(self.http_port, timeout=1)):
+                self.ready_at, self.failed_starts = now, 0
+                say(f"{self.name} is ready again (pid {self.part.proc.pid}, {now - self.down_since:.0f}s after it "
+                    "died); waiting for its registration in Nacos")
+        elif not self.registered:
+            if _answers(lambda: self.http_port in self.registry.healthy_ports()):
+                self.registered = True
+                say(f"{self.name} is registered in Nacos again: the gateway routes to it")
+
+    def _died(self, code: int, now: float) -> None:
+        """Count the crash, give up or schedule the restart."""
+        self.down_since = now
+        how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"code {code}"
+        if self.ready_at is None:
+            self.failed_starts += 1
+            if self.failed_starts >= GIVE_UP_AFTER_FAILED_STARTS:
+                raise StartError(f"{self.name} exited with {how} before it was ready, {self.failed_starts} restarts "
+                                 f"in a row: giving up. Last lines of {rel(self.part.log_path)}:\n{self.part.tail()}")
+        elif now - self.ready_at >= STABLE_AFTER_S:
+            self.crashes = 0
+        self.crashes += 1
+        delay = restart_delay(self.crashes)
+        self.restart_at = now + delay
+        say(f"{self.name} exited with {how}; restarting it in {delay:.0f}s (crash {self.crashes} in a row; "
+            f"log {rel(self.part.log_path)}). The gateway routes to the other pods meanwhile.")
+        if code > 0:  # its own failure, not a kill: show why
+            print(self.part.tail(8), flush=True)
+
+    def _restart(self, now: float) -> None:
+        self.restart_at, self.ready_at, self.registered = None, None, False
+        self.restarts += 1
+        self.started_at = now
+        self.part.start(append=True)
+        say(f"restarting {self.name} (restart {self.restarts}, pid {self.part.proc.pid}) on HTTP "
+            f"127.0.0.1:{self.http_port}")
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -517,14 +647,10 @@ def run(args: argparse.Namespace) -> int:
                 wait_until(f"{part.name} ready (/health/ready)", lambda i=i: models_ready(args.http_port + i),
                            args.ready_timeout, [nacos, part], signals, interval=0.5)
 
-        token = accounts.token(args.nacos_port)
-
-        def listed() -> bool:
-            status, text = http("GET", f"http://127.0.0.1:{args.nacos_port}/nacos/v1/ns/instance/list?"
-                                "serviceName=model-service&groupName=DEFAULT_GROUP", headers={"accessToken": token})
-            return status == 200 and len(json.loads(text).get("hosts") or []) >= args.replicas
-
-        wait_until(f"{args.replicas} model service(s) registered in Nacos", listed, 60, [nacos, *pods], signals)
+        registry = NacosRegistry(args.nacos_port, accounts)
+        pod_ports = {args.http_port + i for i in range(args.replicas)}
+        wait_until(f"{args.replicas} model service(s) registered in Nacos",
+                   lambda: pod_ports <= registry.healthy_ports(), 60, [nacos, *pods], signals)
 
         gateway = start_gateway(args, internal_key, api_key, accounts, logs)
         print(f"starting the gateway on 127.0.0.1:{args.gateway_port} (log {rel(gateway.log_path)}) ...", flush=True)
@@ -536,12 +662,17 @@ def run(args: argparse.Namespace) -> int:
         model = json.loads(http("GET", models_url, headers=auth)[1])["data"][0]["id"]
         print_banner(args, api_key, model, run_dir, accounts, time.monotonic() - t0)
 
-        while True:  # watch
-            for part in [nacos, *pods, gateway]:
+        # Watch: a model service that dies is restarted (PodSupervisor); Nacos or the gateway dying stops the stack.
+        supervisors = [PodSupervisor(i, pod, args.http_port + i, args.ready_timeout, registry)
+                       for i, pod in enumerate(pods)]
+        while True:
+            for part in (nacos, gateway):
                 code_ = part.exited()
                 if code_ is not None:
                     raise StartError(f"{part.name} exited unexpectedly with code {code_}. "
                                      f"Last lines of {rel(part.log_path)}:\n{part.tail()}")
+            for supervisor in supervisors:
+                supervisor.step(time.monotonic())
             signals.sleep(0.5)
     except Interrupted:
         code = 0

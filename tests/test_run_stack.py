@@ -30,34 +30,36 @@ START_TIMEOUT_S = 420  # a first start converts the model; the JVM is slow on a 
 STOP_TIMEOUT_S = 120
 
 
-def _free_port_triple() -> int:
-    """A free port P with P + 1000 (r-nacos gRPC) and P + 2000 (its console) free too."""
+def _free_port_with(offsets) -> int:
+    """A free port P with P + each of ``offsets`` free too (r-nacos: +1000 gRPC, +2000 console; replicas: +1 ...)."""
     for _ in range(200):
         port = free_port()
-        if port + 2000 > 65535:
+        if port + max(offsets, default=0) > 65535:
             continue
         try:
-            for candidate in (port + 1000, port + 2000):
+            for offset in offsets:
                 with socket.socket() as s:
-                    s.bind(("127.0.0.1", candidate))
+                    s.bind(("127.0.0.1", port + offset))
         except OSError:
             continue
         return port
-    raise RuntimeError("no free port triple")
+    raise RuntimeError(f"no free port P with P + {list(offsets)} free")
 
 
 class Stack:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, replicas: int = 1):
         self.run_dir = run_dir
-        self.nacos_port = _free_port_triple()
+        self.nacos_port = _free_port_with((1000, 2000))
         self.gateway_port, self.management_port = free_port(), free_port()
-        self.http_port, self.grpc_port = free_port(), free_port()
+        # replica i listens on http_port + i and grpc_port + i
+        extra = range(1, replicas)
+        self.http_port, self.grpc_port = _free_port_with(extra), _free_port_with(extra)
         self.lines: list[str] = []
         self.up = threading.Event()
         cmd = [sys.executable, str(ROOT / "scripts" / "run_stack.py"), "--run-dir", str(run_dir),
                "--nacos-port", str(self.nacos_port), "--gateway-port", str(self.gateway_port),
                "--gateway-management-port", str(self.management_port),
-               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
+               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--replicas", str(replicas)]
         env = {**os.environ, "RNACOS_BIN": str(rnacos_bin()), "DEV_API_KEY": "sk-test-run-stack"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1)
