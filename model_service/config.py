@@ -45,7 +45,9 @@ class Settings(BaseSettings):
         "Opt-in; ChatGLM2/ChatGLM3/GLM-4 need it not: they are converted to native GLM without running their code."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights and activations dtype. 'auto' takes the checkpoint's own."
+        "float32", description="Weights and activations dtype. 'auto': bfloat16 where the hardware computes in it "
+        "(a GPU with bf16, a CPU with avx512_bf16 or AMX), else float32. float32 is the default because only "
+        "there a greedy answer does not depend on the requests it is batched with."
     )
     device: str = Field(
         "cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
