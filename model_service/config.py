@@ -74,6 +74,18 @@ class Settings(BaseSettings):
         1.0, ge=0, description="While a burst of requests is prefilled first, the longest running streams may "
         "wait for their next token (0: always alternate prefill and decode)."
     )
+    kv_cache: Literal["auto", "padded", "slots"] = Field(
+        "auto", description="KV cache layout. 'slots': one fixed slot per running request, preallocated at start-up "
+        "and written in place; 'padded': one left-padded cache that grows with use; 'auto': slots on a GPU, padded "
+        "on the CPU (as fast there, and it takes only the memory in use)."
+    )
+    kv_cache_tokens: int = Field(
+        0, ge=0, description="Tokens per KV slot (prompt + output; longer prompts get a 400). 0: the context length, "
+        "on a GPU capped to what --gpu-memory-utilization of its free memory holds."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's free memory (after the weights) the KV slots may take."
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."
     )

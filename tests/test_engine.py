@@ -292,6 +292,7 @@ async def test_a_failed_group_prefill_fails_that_group_and_the_rest_go_on(tiny_g
         engine._model = FailingOnce(tiny_glm.model, when=lambda input_ids: input_ids.shape[0] == 2)
         first = engine.submit(ids, params)
         await first.__anext__()  # decoding alone now
+        assert engine.metrics.kv_cache_usage._value.get() == 1 / 8
         engine._model.gate.clear()
         await asyncio.sleep(0.3)  # the engine thread is held before a decode step
         group = [engine.submit(ids, params), engine.submit(ids[:4], params)]  # so both join one group
@@ -310,6 +311,7 @@ async def test_a_failed_group_prefill_fails_that_group_and_the_rest_go_on(tiny_g
         assert [t for o in rest for t in o.token_ids] == expected[1][1:]
         assert finished_count(engine, "error") == 2
         assert engine.in_flight == 0 and engine.metrics.num_requests_running._value.get() == 0
+        assert engine.metrics.kv_cache_usage._value.get() == 0  # every slot given back
         again = await asyncio.wait_for(run(engine, ids, **vars(params)), timeout=60)
         assert again[1] == expected[1]
     finally:

@@ -12,6 +12,7 @@ event loop keeps serving); results go back with one ``call_soon_threadsafe`` per
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -23,6 +24,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_batch import PaddedKVBatch
+from .kv_slots import SlotKVCache
 from .loader import LoadedModel
 from .metrics import EngineMetrics
 from .sampling import SamplerState, SamplingParams, sample_next_tokens
@@ -60,6 +62,12 @@ class EngineLimits:
     max_prefill_tokens: int = 256
     request_timeout_s: float = 600.0
     max_decode_stall_s: float = 1.0
+    # "padded": a left-padded cache that grows with use (kv_batch.py); "slots": fixed slots preallocated at
+    # start-up (kv_slots.py); "auto": slots on a GPU, padded on the CPU (there it is as fast and takes only
+    # the memory in use)
+    kv_cache: str = "auto"
+    kv_cache_tokens: int = 0  # tokens per slot; 0: the context length, or what fits the GPU's memory
+    gpu_memory_utilization: float = 0.9  # share of the GPU's free memory (after the weights) the slots may take
 
 
 @dataclass
@@ -120,7 +128,39 @@ class Engine:
                                                     max_prefill_tokens=limits.max_prefill_tokens,
                                                     max_decode_stall_s=limits.max_decode_stall_s))
         self._batch = PaddedKVBatch(self._num_layers)  # the running sequences' cache, rows in scheduler order
+        self._slots = self._allocate_slots() if self._use_slots() else None  # or fixed slots, by scheduler slot
         self._chunk_kv: PaddedKVBatch | None = None  # the cache of the long prompt being prefilled in chunks
+
+    def _use_slots(self) -> bool:
+        mode = self.limits.kv_cache
+        if mode not in ("auto", "padded", "slots"):
+            raise ValueError(f"kv_cache must be auto, padded or slots, not {mode!r}")
+        return mode == "slots" or (mode == "auto" and self._device.type == "cuda")
+
+    def _allocate_slots(self) -> SlotKVCache:
+        """Preallocate one KV slot per running request; lower the context length to what a slot holds."""
+        config = self._model.config.get_text_config(decoder=True)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(self._model.parameters()).dtype
+        slots = self.limits.max_running_requests
+        per_token = SlotKVCache.bytes_per_token(self._num_layers, kv_heads, head_dim, dtype)
+        tokens = self.limits.kv_cache_tokens or self.model_info.context_length
+        if self._device.type == "cuda" and not self.limits.kv_cache_tokens:
+            free, _ = torch.cuda.mem_get_info(self._device)
+            fits = int(free * self.limits.gpu_memory_utilization) // (per_token * slots) - 1
+            if fits < 16:
+                raise ValueError(f"the GPU has room for {fits} KV tokens per slot at {slots} slots: lower "
+                                 "--max-running-requests")
+            tokens = min(tokens, fits)
+        tokens = min(tokens, self.model_info.context_length)
+        cache = SlotKVCache(self._num_layers, slots, tokens, kv_heads, head_dim, dtype, self._device)
+        if tokens < self.model_info.context_length:
+            # requests are validated against this: a prompt that cannot fit a slot gets a 400 naming it
+            self.model_info = dataclasses.replace(self.model_info, context_length=tokens)
+        log.info("KV cache: %d slots x %d tokens (%.2f GiB, fixed)", slots, tokens, cache.nbytes / 2**30,
+                 extra={"slots": slots, "tokens_per_slot": tokens, "bytes": cache.nbytes})
+        return cache
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -231,6 +271,7 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.num_requests_waiting.set(len(self._scheduler.waiting))
         self.metrics.num_requests_running.set(len(self._scheduler.running))
+        self.metrics.kv_cache_usage.set(self._scheduler.slots_in_use / self.limits.max_running_requests)
 
     def _reap(self, events: list) -> None:
         """End cancelled and timed-out sequences, wherever they are; drop their rows from the batch."""
@@ -238,7 +279,7 @@ class Engine:
         for r in reaped:
             error = None if r.reason == "cancelled" else RequestTimedOut(f"the request timed out {r.stage}")
             self._finish(r.sequence, r.reason, events, error)
-        if keep is not None:
+        if keep is not None and self._slots is None:
             self._batch.select(keep)
         if self._scheduler.chunked is None:
             self._chunk_kv = None
@@ -258,7 +299,7 @@ class Engine:
                 self._finish(seq, "error", events, error)
         if self._scheduler.chunked is None:
             self._chunk_kv = None
-        if self._batch.batch_size != len(self._scheduler.running):
+        if self._slots is None and self._batch.batch_size != len(self._scheduler.running):
             # the step died while changing the batch's cache: it cannot be trusted for anyone
             for seq in self._scheduler.fail(list(self._scheduler.running)):
                 self._finish(seq, "error", events, error)
@@ -287,6 +328,11 @@ class Engine:
         """Prefill a group of prompts (left-padded to one width) in one forward pass."""
         group = plan.sequences
         self._record_admission(group)
+        if self._slots is not None:
+            ids, mask, positions = self._slots.prefill([s.prompt_ids for s in group], [s.slot for s in group],
+                                                       self._pad_id)
+            self._start_decoding(plan, None, self._forward(ids, mask, positions, self._slots.cache), events)
+            return
         width = max(len(s.prompt_ids) for s in group)
         input_ids = torch.full((len(group), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -304,7 +350,17 @@ class Engine:
         """Prefill the next chunk of the long prompt in progress; on its last chunk, join the batch."""
         if plan.start == 0:
             self._record_admission([plan.sequence])
-            self._chunk_kv = PaddedKVBatch(self._num_layers, batch_size=1)
+            if self._slots is None:
+                self._chunk_kv = PaddedKVBatch(self._num_layers, batch_size=1)
+        if self._slots is not None:
+            seq = plan.sequence
+            ids, mask, positions = self._slots.prefill_chunk(seq.prompt_ids, seq.slot, plan.start, plan.end)
+            logits = self._forward(ids, mask, positions, self._slots.cache)
+            if plan.last:
+                self._start_decoding(plan, None, logits, events)
+            else:
+                self._scheduler.chunk_done(plan)
+            return
         kv = self._chunk_kv
         input_ids = torch.tensor([plan.sequence.prompt_ids[plan.start:plan.end]], dtype=torch.long)
         positions = torch.arange(plan.start, plan.end, dtype=torch.long).unsqueeze(0)
@@ -315,29 +371,43 @@ class Engine:
         else:
             self._scheduler.chunk_done(plan)
 
-    def _start_decoding(self, plan: PrefillGroup | PrefillChunk, fresh: PaddedKVBatch, logits: torch.Tensor,
-                        events: list) -> None:
+    def _start_decoding(self, plan: PrefillGroup | PrefillChunk, fresh: PaddedKVBatch | None,
+                        logits: torch.Tensor, events: list) -> None:
         """Sample the first token of freshly prefilled sequences and merge them into the running batch."""
         group = plan.sequences
         tokens = sample_next_tokens(logits, [s.sampler for s in group])
         keep = [i for i, (seq, tok) in enumerate(zip(group, tokens)) if not self._on_token(seq, tok, events)]
-        if len(keep) < len(group):
-            fresh.select(keep)
-        if keep:
-            self._batch.absorb(fresh)
+        if fresh is not None:  # the padded cache: merge the group's rows into the batch
+            if len(keep) < len(group):
+                fresh.select(keep)
+            if keep:
+                self._batch.absorb(fresh)
         self._scheduler.complete_prefill(plan, [group[i] for i in keep])
 
     def _decode(self, plan: Decode, events: list) -> None:
         running = plan.sequences
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in running], dtype=torch.long)
-        positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in running], dtype=torch.long)
-        mask = self._batch.mask_for_step(1)
-        logits = self._forward(input_ids, mask, positions, self._batch.cache)
+        if self._slots is not None:
+            ids, mask, positions, _ = self._slots.decode(
+                {s.slot: s.output_ids[-1] for s in running},
+                {s.slot: len(s.prompt_ids) + len(s.output_ids) - 1 for s in running},
+                self._pad_id, fixed_len=False)  # read only up to the longest row: no graph capture yet
+            logits = self._forward(ids, mask, positions, self._slots.cache)
+            logits = logits[torch.tensor([s.slot for s in running], device=logits.device)]
+        else:
+            logits = self._decode_padded(running)
         self.metrics.batch_size.observe(len(running))
         tokens = sample_next_tokens(logits, [s.sampler for s in running])
         finished = [seq for seq, tok in zip(running, tokens) if self._on_token(seq, tok, events)]
         if finished:
-            self._batch.select(self._scheduler.leave(finished))
+            keep = self._scheduler.leave(finished)
+            if self._slots is None:
+                self._batch.select(keep)
+
+    def _decode_padded(self, running: list[_Sequence]) -> torch.Tensor:
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in running], dtype=torch.long)
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in running], dtype=torch.long)
+        mask = self._batch.mask_for_step(1)
+        return self._forward(input_ids, mask, positions, self._batch.cache)
 
     def _on_token(self, seq: _Sequence, token: int, events: list) -> bool:
         """Record one generated token; queue its output. Returns True when the sequence finished."""
