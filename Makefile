@@ -115,8 +115,9 @@ bench: install
 	$(PY) bench/bench_engine.py --dtype float32
 	$(PY) bench/bench_engine.py --dtype bfloat16
 
-# Where torch sees a CUDA GPU: the engine with --device cuda next to batched generate (bench/results/gpu*.md).
+# Where torch sees a CUDA GPU: the engine with --device cuda next to (compiled static) generate (bench/results/gpu*.md).
 bench-gpu: install
+	$(PY) bench/bench_gpu_glm.py
 	$(PY) bench/bench_gpu.py --dtype bfloat16
 	$(PY) bench/bench_gpu.py --dtype float32 --out bench/results/gpu-float32.md
 

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
         "Opt-in; ChatGLM2/ChatGLM3/GLM-4 need it not: they are converted to native GLM without running their code."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights and activations dtype. 'auto' takes the checkpoint's own."
+        "float32", description="Weights and activations dtype. 'auto': bfloat16 where the hardware computes in it "
+        "(a GPU with bf16, a CPU with avx512_bf16 or AMX), else float32. float32 is the default because only "
+        "there a greedy answer does not depend on the requests it is batched with."
     )
     device: str = Field(
         "cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
@@ -71,6 +73,18 @@ class Settings(BaseSettings):
     max_decode_stall_s: float = Field(
         1.0, ge=0, description="While a burst of requests is prefilled first, the longest running streams may "
         "wait for their next token (0: always alternate prefill and decode)."
+    )
+    kv_cache: Literal["auto", "padded", "slots"] = Field(
+        "auto", description="KV cache layout. 'slots': one fixed slot per running request, preallocated at start-up "
+        "and written in place; 'padded': one left-padded cache that grows with use; 'auto': slots on a GPU, padded "
+        "on the CPU (as fast there, and it takes only the memory in use)."
+    )
+    kv_cache_tokens: int = Field(
+        0, ge=0, description="Tokens per KV slot (prompt + output; longer prompts get a 400). 0: the context length, "
+        "on a GPU capped to what --gpu-memory-utilization of its free memory holds."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's free memory (after the weights) the KV slots may take."
     )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."

@@ -60,9 +60,9 @@ async def test_batch_really_forms(engine, smollm):
     sizes: list[int] = []
     original = engine._decode
 
-    def spy(events):  # record how many sequences share each decode step
-        sizes.append(len(engine._running))
-        original(events)
+    def spy(plan, events):  # record how many sequences share each decode step
+        sizes.append(len(plan.sequences))
+        original(plan, events)
 
     engine._decode = spy
     await asyncio.gather(*(run(engine, p, max_tokens=16, temperature=0) for p in prompts))
@@ -83,21 +83,31 @@ async def test_max_tokens_and_stop_strings_end_with_the_right_reason(engine, smo
     assert last.finish_reason == "stop" and text == "The capital of France is "
 
 
+def finished_count(engine, reason: str) -> float:
+    return engine.metrics._finished.labels(engine.metrics._model_name, reason)._value.get()
+
+
 async def test_cancelled_stream_frees_its_slot(engine, smollm):
     ids = chat_ids(smollm.tokenizer, "Write a long story about a dragon.")
-    stream = engine.submit(ids, SamplingParams(max_tokens=400, temperature=0))
+    stream = engine.submit(ids, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     got = 0
     async for _ in stream:
         got += 1
         if got == 3:
             break
     assert engine.metrics.num_requests_running._value.get() == 1
+    generated = engine.metrics.generation_tokens._value.get()
     stream.cancel()
-    deadline = time.monotonic() + 5
-    while engine.metrics.num_requests_running._value.get() != 0 and time.monotonic() < deadline:
+    # the engine itself (not the stream's own bookkeeping) must drop the row: the running gauge and the
+    # cancelled-finish counter are set on the engine thread only
+    deadline = time.monotonic() + 30
+    while finished_count(engine, "cancelled") < 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
+    assert finished_count(engine, "cancelled") == 1
     assert engine.metrics.num_requests_running._value.get() == 0
     assert engine.in_flight == 0
+    await asyncio.sleep(0.5)
+    assert engine.metrics.generation_tokens._value.get() - generated <= 2  # it stopped generating
 
 
 async def test_admission_is_bounded(engine, smollm):
@@ -226,9 +236,9 @@ async def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(smollm):
         steps: list[int] = []
         original = chunked._prefill_chunk
 
-        def spy(events):
-            steps.append(chunked._chunked.done)
-            original(events)
+        def spy(plan, events):
+            steps.append(plan.start)
+            original(plan, events)
 
         chunked._prefill_chunk = spy
         # a short request runs alongside: it keeps decoding while the long prompt is prefilled
@@ -240,3 +250,87 @@ async def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(smollm):
     finally:
         whole.shutdown()
         chunked.shutdown()
+
+
+class FailingOnce:
+    """The model, except that its forward raises once for inputs ``when`` selects (a fault at the model edge)."""
+
+    def __init__(self, model, when):
+        self.model, self.when, self.raised = model, when, 0
+        self.gate = threading.Event()  # cleared: the engine thread waits before its next forward pass
+        self.gate.set()
+
+    def __call__(self, **kwargs):
+        self.gate.wait(60)
+        if not self.raised and self.when(kwargs["input_ids"]):
+            self.raised += 1
+            raise RuntimeError("simulated device failure")
+        return self.model(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_glm(tmp_path_factory):
+    from model_service.llm.loader import load_model
+    from tiny_models import build_tiny_glm
+
+    path = tmp_path_factory.mktemp("glm-engine")
+    build_tiny_glm(path)
+    return load_model(str(path))
+
+
+async def test_a_failed_group_prefill_fails_that_group_and_the_rest_go_on(tiny_glm):
+    """The forward pass of a group prefill raises: exactly that group's requests get the error, promptly;
+    the request already decoding finishes with its usual tokens; slots are free and the engine keeps serving."""
+    from model_service.llm.engine import EngineFailure
+
+    ids = tiny_glm.tokenizer("what is the capital of france ?", add_special_tokens=False).input_ids
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine = Engine(tiny_glm, EngineLimits(max_running_requests=8, max_waiting_requests=8))
+    engine.start()
+    try:
+        expected = await run(engine, ids, **vars(params))
+        engine._model = FailingOnce(tiny_glm.model, when=lambda input_ids: input_ids.shape[0] == 2)
+        first = engine.submit(ids, params)
+        await first.__anext__()  # decoding alone now
+        assert engine.metrics.kv_cache_usage._value.get() == 1 / 8
+        engine._model.gate.clear()
+        await asyncio.sleep(0.3)  # the engine thread is held before a decode step
+        group = [engine.submit(ids, params), engine.submit(ids[:4], params)]  # so both join one group
+        engine._model.gate.set()
+
+        async def outcome(stream):
+            try:
+                return [out async for out in stream]
+            except EngineFailure as exc:
+                return exc
+
+        results = await asyncio.wait_for(asyncio.gather(*(outcome(s) for s in group)), timeout=60)
+        assert engine._model.raised == 1
+        assert all(isinstance(r, EngineFailure) for r in results), results
+        rest = await asyncio.wait_for(outcome(first), timeout=60)
+        assert [t for o in rest for t in o.token_ids] == expected[1][1:]
+        assert finished_count(engine, "error") == 2
+        assert engine.in_flight == 0 and engine.metrics.num_requests_running._value.get() == 0
+        assert engine.metrics.kv_cache_usage._value.get() == 0  # every slot given back
+        again = await asyncio.wait_for(run(engine, ids, **vars(params)), timeout=60)
+        assert again[1] == expected[1]
+    finally:
+        engine.shutdown()
+
+
+async def test_a_failed_decode_fails_the_running_batch_and_the_engine_keeps_serving(tiny_glm):
+    from model_service.llm.engine import EngineFailure
+
+    ids = tiny_glm.tokenizer("hello world", add_special_tokens=False).input_ids
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    engine = Engine(tiny_glm, EngineLimits(max_running_requests=4, max_waiting_requests=4))
+    engine.start()
+    try:
+        expected = await run(engine, ids, **vars(params))
+        engine._model = FailingOnce(tiny_glm.model, when=lambda input_ids: input_ids.shape[1] == 1)
+        with pytest.raises(EngineFailure):
+            await asyncio.wait_for(run(engine, ids, **vars(params)), timeout=60)
+        assert engine.in_flight == 0
+        assert (await asyncio.wait_for(run(engine, ids, **vars(params)), timeout=60))[1] == expected[1]
+    finally:
+        engine.shutdown()

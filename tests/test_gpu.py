@@ -80,21 +80,59 @@ def test_cuda_engine_gives_the_cpu_engines_tokens_batched_and_alone(glm_dir):
 def test_cancel_on_cuda_frees_the_slot_and_the_engine_keeps_serving(glm_dir):
     gpu = _load(glm_dir, "cuda")
 
+    def cancelled(engine) -> float:
+        return engine.metrics._finished.labels(engine.metrics._model_name, "cancelled")._value.get()
+
     async def main():
-        engine = Engine(gpu, EngineLimits(max_running_requests=2, max_waiting_requests=0))
+        engine = Engine(gpu, EngineLimits(max_running_requests=1, max_waiting_requests=0))
         engine.start()
         try:
             stream = engine.submit(_ids(gpu, "hello"), SamplingParams(max_tokens=200, temperature=0,
                                                                       ignore_eos=True))
             await stream.__anext__()
+            generated = engine.metrics.generation_tokens._value.get()
             stream.cancel()
-            deadline = time.monotonic() + 5
-            while engine.in_flight and time.monotonic() < deadline:
+            # the engine thread (not the stream's own bookkeeping) must drop the row
+            deadline = time.monotonic() + 10
+            while cancelled(engine) < 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            assert engine.in_flight == 0
-            return await _generate(engine, _ids(gpu, "hello world"), max_tokens=5, temperature=0,
-                                   ignore_eos=True)
+            assert cancelled(engine) == 1
+            assert engine.metrics.num_requests_running._value.get() == 0
+            await asyncio.sleep(0.3)
+            assert engine.metrics.generation_tokens._value.get() - generated <= 2  # it stopped generating
+            # one slot only: the next request runs only if the cancelled one really left it
+            return await asyncio.wait_for(_generate(engine, _ids(gpu, "hello world"), max_tokens=5,
+                                                    temperature=0, ignore_eos=True), timeout=30)
         finally:
             engine.shutdown()
 
     assert len(asyncio.run(main())) == 5
+
+
+def test_cuda_slots_with_staggered_joins_and_reused_slots_give_the_cpu_tokens(glm_dir):
+    """On CUDA the engine uses the fixed-slot cache (--kv-cache auto): requests joining and leaving a busy
+    batch, through 3 slots reused by later requests, give the CPU engine's tokens."""
+    cpu, gpu = _load(glm_dir, "cpu"), _load(glm_dir, "cuda")
+    texts = PROMPTS + ["paris is the capital", " ".join(f"w{i}" for i in range(40))]
+    jobs = [(_ids(cpu, t), 6 + 5 * (i % 4)) for i, t in enumerate(texts)]
+
+    def run(loaded, kv_cache):
+        async def main():
+            engine = Engine(loaded, EngineLimits(max_running_requests=3, max_waiting_requests=16,
+                                                 max_prefill_tokens=16, kv_cache=kv_cache))
+            engine.start()
+            try:
+                async def late(ids, n, delay):
+                    await asyncio.sleep(delay)
+                    return await _generate(engine, ids, max_tokens=n, temperature=0, ignore_eos=True)
+
+                return await asyncio.gather(*(late(ids, n, 0.02 * i) for i, (ids, n) in enumerate(jobs))), engine
+            finally:
+                engine.shutdown()
+
+        return asyncio.run(main())
+
+    on_gpu, engine = run(gpu, "auto")
+    assert engine._slots is not None
+    on_cpu, _ = run(cpu, "padded")
+    assert on_gpu == on_cpu

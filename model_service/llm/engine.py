@@ -1,8 +1,9 @@
 """The one inference engine: continuous batching on a dedicated thread, an asyncio API outside.
 
-Every decode step runs one forward pass over all running sequences. Between steps the scheduler
-admits waiting requests (prefilled as a group, then merged into the batch), drops finished and
-cancelled ones, and enforces deadlines. The HTTP and gRPC adapters only call ``generate``.
+Every decode step runs one forward pass over all running sequences. Each step the scheduler
+(scheduler.py) says what to run: a group of waiting prompts to prefill (then merged into the batch),
+the next chunk of a long prompt, or a decode step; finished, cancelled and timed-out sequences leave
+between steps. The HTTP and gRPC adapters only call ``submit``.
 
 Threading: torch work happens on the engine thread (torch releases the GIL inside kernels, so the
 event loop keeps serving); results go back with one ``call_soon_threadsafe`` per step.
@@ -11,12 +12,12 @@ event loop keeps serving); results go back with one ``call_soon_threadsafe`` per
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +25,11 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .errors import ServiceError
 from .kv_batch import PaddedKVBatch
+from .kv_slots import SlotKVCache
 from .loader import LoadedModel
 from .metrics import EngineMetrics
 from .sampling import SamplerState, SamplingParams, sample_next_tokens
+from .scheduler import Decode, Plan, PrefillChunk, PrefillGroup, Scheduler, SchedulerLimits
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ class EngineLimits:
     max_prefill_tokens: int = 256
     request_timeout_s: float = 600.0
     max_decode_stall_s: float = 1.0
+    # "padded": a left-padded cache that grows with use (kv_batch.py); "slots": fixed slots preallocated at
+    # start-up (kv_slots.py); "auto": slots on a GPU, padded on the CPU (there it is as fast and takes only
+    # the memory in use)
+    kv_cache: str = "auto"
+    kv_cache_tokens: int = 0  # tokens per slot; 0: the context length, or what fits the GPU's memory
+    gpu_memory_utilization: float = 0.9  # share of the GPU's free memory (after the weights) the slots may take
 
 
 @dataclass
@@ -90,13 +99,7 @@ class _Sequence:
     cancelled: bool = False
     done: bool = False
     slot_released: bool = False  # its admission slot was given back (at cancel or finish, once)
-
-
-@dataclass(eq=False)
-class _ChunkedPrefill:
-    seq: _Sequence
-    kv: PaddedKVBatch
-    done: int = 0  # prompt tokens prefilled so far
+    slot: int | None = None  # its batch slot while the scheduler runs it
 
 
 class Engine:
@@ -121,11 +124,44 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-        # engine-thread state
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._batch = PaddedKVBatch(self._num_layers)
-        self._chunked: _ChunkedPrefill | None = None  # a long prompt being prefilled chunk by chunk
+        # engine-thread state: who runs next is the scheduler's; the tensors are ours
+        self._scheduler = Scheduler(SchedulerLimits(max_running_requests=limits.max_running_requests,
+                                                    max_prefill_tokens=limits.max_prefill_tokens,
+                                                    max_decode_stall_s=limits.max_decode_stall_s))
+        self._batch = PaddedKVBatch(self._num_layers)  # the running sequences' cache, rows in scheduler order
+        self._slots = self._allocate_slots() if self._use_slots() else None  # or fixed slots, by scheduler slot
+        self._chunk_kv: PaddedKVBatch | None = None  # the cache of the long prompt being prefilled in chunks
+
+    def _use_slots(self) -> bool:
+        mode = self.limits.kv_cache
+        if mode not in ("auto", "padded", "slots"):
+            raise ValueError(f"kv_cache must be auto, padded or slots, not {mode!r}")
+        return mode == "slots" or (mode == "auto" and self._device.type == "cuda")
+
+    def _allocate_slots(self) -> SlotKVCache:
+        """Preallocate one KV slot per running request; lower the context length to what a slot holds."""
+        config = self._model.config.get_text_config(decoder=True)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(self._model.parameters()).dtype
+        slots = self.limits.max_running_requests
+        per_token = SlotKVCache.bytes_per_token(self._num_layers, kv_heads, head_dim, dtype)
+        tokens = self.limits.kv_cache_tokens or self.model_info.context_length
+        if self._device.type == "cuda" and not self.limits.kv_cache_tokens:
+            free, _ = torch.cuda.mem_get_info(self._device)
+            fits = int(free * self.limits.gpu_memory_utilization) // (per_token * slots) - 1
+            if fits < 16:
+                raise ValueError(f"the GPU has room for {fits} KV tokens per slot at {slots} slots: lower "
+                                 "--max-running-requests")
+            tokens = min(tokens, fits)
+        tokens = min(tokens, self.model_info.context_length)
+        cache = SlotKVCache(self._num_layers, slots, tokens, kv_heads, head_dim, dtype, self._device)
+        if tokens < self.model_info.context_length:
+            # requests are validated against this: a prompt that cannot fit a slot gets a 400 naming it
+            self.model_info = dataclasses.replace(self.model_info, context_length=tokens)
+        log.info("KV cache: %d slots x %d tokens (%.2f GiB, fixed)", slots, tokens, cache.nbytes / 2**30,
+                 extra={"slots": slots, "tokens_per_slot": tokens, "bytes": cache.nbytes})
+        return cache
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -207,98 +243,69 @@ class Engine:
                 self._collect_new()
                 events: list[tuple[_Sequence, object]] = []
                 self._reap(events)
-                busy = bool(self._waiting or self._running or self._chunked)
-                if busy:
+                plan = self._scheduler.schedule()
+                if plan is not None:
                     try:
-                        self._step(events)
+                        self._execute(plan, events)
                     except Exception as exc:  # a failed forward must not kill the engine
-                        log.exception("engine step failed; failing the affected requests")
-                        self._fail_all(events, EngineFailure(f"inference failed: {type(exc).__name__}"))
+                        log.exception("engine step failed; failing the requests of that step")
+                        self._fail(plan.sequences, events, EngineFailure(f"inference failed: {type(exc).__name__}"))
+                self._update_gauges()
                 self._deliver(events)
-                if not busy and not events:
+                if plan is None and not events:
                     self._wakeup.wait(timeout=0.5)
+            self._collect_new()
             events = []
-            self._fail_all(events, EngineNotReady("the model service shut down before this request finished"))
+            self._fail(self._scheduler.all_sequences(), events,
+                       EngineNotReady("the model service shut down before this request finished"))
             self._deliver(events)
         log.info("engine stopped")
 
     def _collect_new(self) -> None:
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                self._scheduler.add(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        self.metrics.num_requests_waiting.set(len(self._waiting))
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.num_requests_waiting.set(len(self._scheduler.waiting))
+        self.metrics.num_requests_running.set(len(self._scheduler.running))
+        self.metrics.kv_cache_usage.set(self._scheduler.slots_in_use / self.limits.max_running_requests)
 
     def _reap(self, events: list) -> None:
-        """Drop cancelled and timed-out sequences from the queue and the batch."""
-        now = time.monotonic()
-        for seq in [s for s in self._waiting if s.cancelled or now > s.deadline]:
-            self._waiting.remove(seq)
-            self._finish(seq, "cancelled" if seq.cancelled else "timeout", events,
-                         None if seq.cancelled else RequestTimedOut("the request timed out in the queue"))
-        job = self._chunked
-        if job is not None and (job.seq.cancelled or now > job.seq.deadline):
-            self._chunked = None
-            self._finish(job.seq, "cancelled" if job.seq.cancelled else "timeout", events,
-                         None if job.seq.cancelled else RequestTimedOut("the request timed out in its prefill"))
-        gone = [i for i, s in enumerate(self._running) if s.cancelled or now > s.deadline]
-        if gone:
-            for i in gone:
-                seq = self._running[i]
-                self._finish(seq, "cancelled" if seq.cancelled else "timeout", events,
-                             None if seq.cancelled else RequestTimedOut("the request timed out while generating"))
-            self._retain([i for i in range(len(self._running)) if i not in set(gone)])
+        """End cancelled and timed-out sequences, wherever they are; drop their rows from the batch."""
+        reaped, keep = self._scheduler.reap()
+        for r in reaped:
+            error = None if r.reason == "cancelled" else RequestTimedOut(f"the request timed out {r.stage}")
+            self._finish(r.sequence, r.reason, events, error)
+        if keep is not None and self._slots is None:
+            self._batch.select(keep)
+        if self._scheduler.chunked is None:
+            self._chunk_kv = None
 
-    def _retain(self, keep: list[int]) -> None:
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        self._batch.select(keep)
-        self.metrics.num_requests_running.set(len(self._running))
+    def _execute(self, plan: Plan, events: list) -> None:
+        if isinstance(plan, PrefillGroup):
+            self._prefill(plan, events)
+        elif isinstance(plan, PrefillChunk):
+            self._prefill_chunk(plan, events)
+        else:
+            self._decode(plan, events)
 
-    def _step(self, events: list) -> None:
-        if self._chunked is None:
-            admitted = self._admit()
-            if len(admitted) == 1 and len(admitted[0].prompt_ids) > self.limits.max_prefill_tokens:
-                # a prompt over the budget is prefilled a chunk per step, between decode steps
-                self._record_admission(admitted)
-                self._chunked = _ChunkedPrefill(admitted[0], PaddedKVBatch(self._num_layers, batch_size=1))
-            elif admitted:
-                self._prefill(admitted, events)
-                if self._prefill_first():
-                    return
-        if self._chunked is not None:
-            self._prefill_chunk(events)
-        if self._running:
-            self._decode(events)
-
-    def _prefill_first(self) -> bool:
-        """After a prefill, go straight to the next one while requests wait and fit in the batch.
-
-        A burst of arrivals then gets its first tokens as early as compute allows (the median waits for
-        about half the burst's prefill, not all of it plus interleaved decode steps), as vLLM schedules.
-        Running streams pause meanwhile, but never longer than max_decode_stall_s since their last token.
-        """
-        if not self._waiting or len(self._running) >= self.limits.max_running_requests:
-            return False
-        if not self._running:
-            return True
-        oldest_token = min(s.last_token_at for s in self._running)
-        return time.monotonic() - oldest_token < self.limits.max_decode_stall_s
-
-    def _admit(self) -> list[_Sequence]:
-        room = self.limits.max_running_requests - len(self._running)
-        chosen: list[_Sequence] = []
-        budget = self.limits.max_prefill_tokens
-        while self._waiting and len(chosen) < room:
-            cost = len(self._waiting[0].prompt_ids)
-            if chosen and cost > budget:
-                break  # the rest waits for the next step, so running sequences keep decoding
-            budget -= cost
-            chosen.append(self._waiting.popleft())
-        self.metrics.num_requests_waiting.set(len(self._waiting))
-        return chosen
+    def _fail(self, sequences: list[_Sequence], events: list, error: Exception) -> None:
+        """End ``sequences`` with ``error`` (a failed step's, or all at shutdown); the others go on."""
+        for seq in self._scheduler.fail(sequences):
+            if not seq.done:
+                self._finish(seq, "error", events, error)
+        if self._scheduler.chunked is None:
+            self._chunk_kv = None
+        if self._slots is None and self._batch.batch_size != len(self._scheduler.running):
+            # the step died while changing the batch's cache: it cannot be trusted for anyone
+            for seq in self._scheduler.fail(list(self._scheduler.running)):
+                self._finish(seq, "error", events, error)
+        if not self._scheduler.running:
+            self._batch = PaddedKVBatch(self._num_layers)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         device = self._device
@@ -318,9 +325,15 @@ class Engine:
             self.metrics.request_queue_time.observe(now - seq.arrival)
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
 
-    def _prefill(self, group: list[_Sequence], events: list) -> None:
+    def _prefill(self, plan: PrefillGroup, events: list) -> None:
         """Prefill a group of prompts (left-padded to one width) in one forward pass."""
+        group = plan.sequences
         self._record_admission(group)
+        if self._slots is not None:
+            ids, mask, positions = self._slots.prefill([s.prompt_ids for s in group], [s.slot for s in group],
+                                                       self._pad_id)
+            self._start_decoding(plan, None, self._forward(ids, mask, positions, self._slots.cache), events)
+            return
         width = max(len(s.prompt_ids) for s in group)
         input_ids = torch.full((len(group), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -332,43 +345,70 @@ class Engine:
         fresh = PaddedKVBatch(self._num_layers)
         fresh.mask = mask
         logits = self._forward(input_ids, mask, positions, fresh.cache)
-        self._start_decoding(group, fresh, logits, events)
+        self._start_decoding(plan, fresh, logits, events)
 
-    def _prefill_chunk(self, events: list) -> None:
+    def _prefill_chunk(self, plan: PrefillChunk, events: list) -> None:
         """Prefill the next chunk of the long prompt in progress; on its last chunk, join the batch."""
-        job = self._chunked
-        prompt = job.seq.prompt_ids
-        start, end = job.done, min(job.done + self.limits.max_prefill_tokens, len(prompt))
-        input_ids = torch.tensor([prompt[start:end]], dtype=torch.long)
-        positions = torch.arange(start, end, dtype=torch.long).unsqueeze(0)
-        logits = self._forward(input_ids, job.kv.mask_for_step(end - start), positions, job.kv.cache)
-        job.done = end
-        if end == len(prompt):
-            self._chunked = None
-            self._start_decoding([job.seq], job.kv, logits, events)
+        if plan.start == 0:
+            self._record_admission([plan.sequence])
+            if self._slots is None:
+                self._chunk_kv = PaddedKVBatch(self._num_layers, batch_size=1)
+        if self._slots is not None:
+            seq = plan.sequence
+            ids, mask, positions = self._slots.prefill_chunk(seq.prompt_ids, seq.slot, plan.start, plan.end)
+            logits = self._forward(ids, mask, positions, self._slots.cache)
+            if plan.last:
+                self._start_decoding(plan, None, logits, events)
+            else:
+                self._scheduler.chunk_done(plan)
+            return
+        kv = self._chunk_kv
+        input_ids = torch.tensor([plan.sequence.prompt_ids[plan.start:plan.end]], dtype=torch.long)
+        positions = torch.arange(plan.start, plan.end, dtype=torch.long).unsqueeze(0)
+        logits = self._forward(input_ids, kv.mask_for_step(plan.end - plan.start), positions, kv.cache)
+        if plan.last:
+            self._chunk_kv = None
+            self._start_decoding(plan, kv, logits, events)
+        else:
+            self._scheduler.chunk_done(plan)
 
-    def _start_decoding(self, group: list[_Sequence], fresh: PaddedKVBatch, logits: torch.Tensor,
-                        events: list) -> None:
+    def _start_decoding(self, plan: PrefillGroup | PrefillChunk, fresh: PaddedKVBatch | None,
+                        logits: torch.Tensor, events: list) -> None:
         """Sample the first token of freshly prefilled sequences and merge them into the running batch."""
+        group = plan.sequences
         tokens = sample_next_tokens(logits, [s.sampler for s in group])
         keep = [i for i, (seq, tok) in enumerate(zip(group, tokens)) if not self._on_token(seq, tok, events)]
-        if len(keep) < len(group):
-            fresh.select(keep)
-        if keep:
-            self._batch.absorb(fresh)
-            self._running.extend(group[i] for i in keep)
-        self.metrics.num_requests_running.set(len(self._running))
+        if fresh is not None:  # the padded cache: merge the group's rows into the batch
+            if len(keep) < len(group):
+                fresh.select(keep)
+            if keep:
+                self._batch.absorb(fresh)
+        self._scheduler.complete_prefill(plan, [group[i] for i in keep])
 
-    def _decode(self, events: list) -> None:
-        running = self._running
+    def _decode(self, plan: Decode, events: list) -> None:
+        running = plan.sequences
+        if self._slots is not None:
+            ids, mask, positions, _ = self._slots.decode(
+                {s.slot: s.output_ids[-1] for s in running},
+                {s.slot: len(s.prompt_ids) + len(s.output_ids) - 1 for s in running},
+                self._pad_id, fixed_len=False)  # read only up to the longest row: no graph capture yet
+            logits = self._forward(ids, mask, positions, self._slots.cache)
+            logits = logits[torch.tensor([s.slot for s in running], device=logits.device)]
+        else:
+            logits = self._decode_padded(running)
+        self.metrics.batch_size.observe(len(running))
+        tokens = sample_next_tokens(logits, [s.sampler for s in running])
+        finished = [seq for seq, tok in zip(running, tokens) if self._on_token(seq, tok, events)]
+        if finished:
+            keep = self._scheduler.leave(finished)
+            if self._slots is None:
+                self._batch.select(keep)
+
+    def _decode_padded(self, running: list[_Sequence]) -> torch.Tensor:
         input_ids = torch.tensor([[s.output_ids[-1]] for s in running], dtype=torch.long)
         positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in running], dtype=torch.long)
         mask = self._batch.mask_for_step(1)
-        logits = self._forward(input_ids, mask, positions, self._batch.cache)
-        self.metrics.batch_size.observe(len(running))
-        tokens = sample_next_tokens(logits, [s.sampler for s in running])
-        keep = [i for i, (seq, tok) in enumerate(zip(running, tokens)) if not self._on_token(seq, tok, events)]
-        self._retain(keep)
+        return self._forward(input_ids, mask, positions, self._batch.cache)
 
     def _on_token(self, seq: _Sequence, token: int, events: list) -> bool:
         """Record one generated token; queue its output. Returns True when the sequence finished."""
@@ -414,18 +454,6 @@ class Engine:
             if not seq.slot_released:
                 seq.slot_released = True
                 self._admitted -= 1
-
-    def _fail_all(self, events: list, error: Exception) -> None:
-        chunked = [self._chunked.seq] if self._chunked is not None else []
-        self._chunked = None
-        for seq in list(self._waiting) + self._running + chunked:
-            if not seq.done:
-                self._finish(seq, "error", events, error)
-        self._waiting.clear()
-        self._running = []
-        self._batch = PaddedKVBatch(self._num_layers)
-        self.metrics.num_requests_running.set(0)
-        self.metrics.num_requests_waiting.set(0)
 
     @staticmethod
     def _deliver(events: list) -> None:

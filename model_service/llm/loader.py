@@ -152,6 +152,42 @@ def _read_eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_auto_dtype(device: str, cpu_flags: set[str] | None = None) -> tuple[str, str]:
+    """What --dtype auto means on this device: (dtype, why).
+
+    bfloat16 halves memory traffic, but only hardware with bf16 arithmetic gains from it. On a CPU without
+    it (AVX2-only) every bf16 matmul is emulated: measured on a 2-core AVX2 EPYC, 32 clients made 33 tok/s
+    in bfloat16 against 87 in float32.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "the GPU supports bfloat16"
+        return "float32", "the GPU has no bfloat16 support"
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return "bfloat16", f"the CPU has bf16 instructions ({', '.join(found)})"
+    return "float32", f"the CPU has no bf16 instructions ({' / '.join(CPU_BF16_FLAGS)}): bfloat16 would be emulated"
+
+
 def _context_length(config, override: int | None) -> int:
     native = None
     for attr in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
@@ -273,6 +309,9 @@ def _load_model(
         if model_type == "chatglm":  # ChatGLM2/3, original glm-4-9b-chat: their shipped code needs transformers 4
             source, converted_family = _convert_chatglm(source)
 
+    if dtype == "auto":
+        dtype, why = resolve_auto_dtype(device)
+        log.info("--dtype auto chose %s: %s", dtype, why, extra={"dtype": dtype, "reason": why})
     started = time.monotonic()
     log.info("loading model", extra={"model": str(source), "dtype": dtype, "device": device})
     # A hub id is only honoured from the local Hugging Face cache: pods never download at run time.
@@ -295,7 +334,7 @@ def _load_model(
     except KeyError as exc:
         raise ModelLoadError(f"unknown model architecture at {source}: {exc}") from None
 
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)

@@ -31,6 +31,10 @@ class EngineMetrics:
         self.num_requests_waiting = Gauge(
             "model_service_num_requests_waiting", "Requests queued for admission to the batch.", labels,
             registry=r).labels(model_name)
+        self.kv_cache_usage = Gauge(
+            "model_service_kv_cache_usage_perc", "Share of the KV cache slots (--max-running-requests) held by "
+            "requests being prefilled or generating, 0 to 1 (vLLM's kv_cache_usage_perc).", labels,
+            registry=r).labels(model_name)
         self.prompt_tokens = Counter(
             "model_service_prompt_tokens", "Prompt tokens prefilled.", labels, registry=r).labels(model_name)
         self.generation_tokens = Counter(

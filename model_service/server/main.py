@@ -52,6 +52,9 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_prefill_tokens=settings.max_prefill_tokens,
         request_timeout_s=settings.request_timeout_s,
         max_decode_stall_s=settings.max_decode_stall_s,
+        kv_cache=settings.kv_cache,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
     )
 
 

@@ -1,0 +1,190 @@
+"""The engine on a GPU with a GLM-4-9B-shaped model, next to compiled static-cache ``generate`` and the HBM roofline.
+
+The model has GLM-4-9B's shapes (40 layers, hidden 4096, 32 heads / 2 KV heads, vocab 151552) with random
+bf16 weights built directly on the GPU (no files, no download): speed depends on the shapes, not the values.
+Prompts of ~256 tokens, 128 new tokens (ignore_eos), greedy; the engine driven in-process at concurrency
+1, 8, 32 and 64; in the same run, transformers' ``generate`` with ``cache_implementation="static"`` (its
+forward compiled) at batch 1 and 32, and the measured HBM bandwidth (a device-to-device copy) with the
+roofline it implies (weights bytes / bandwidth per decode step). Results to bench/results/gpu-glm4-9b.md.
+
+    python bench/bench_gpu_glm.py                  # `make bench-gpu`; a few minutes on an H100/H200
+    python bench/bench_gpu_glm.py --shape tiny --device cpu --concurrency 1 2   # try the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model_service.llm.engine import Engine, EngineLimits  # noqa: E402
+from model_service.llm.loader import LoadedModel  # noqa: E402
+from model_service.llm.sampling import SamplingParams  # noqa: E402
+
+SHAPES = {
+    "glm4-9b": dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+                    num_key_value_heads=2, head_dim=128, vocab_size=151552),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=1000),
+}
+
+
+def build(shape: str, device: str, dtype: torch.dtype, context: int) -> LoadedModel:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, Glm4Config, Glm4ForCausalLM, PreTrainedTokenizerFast
+
+    dims = SHAPES[shape]
+    vocab = {"<|endoftext|>": 0, "<unk>": 1} | {f"w{i}": i for i in range(2, dims["vocab_size"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    config = Glm4Config(**dims, max_position_embeddings=context, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Glm4ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval().requires_grad_(False)
+    model.generation_config = GenerationConfig(eos_token_id=0, pad_token_id=0)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"random-{shape}", architecture="Glm4ForCausalLM",
+                       context_length=context, eos_token_ids=[0], dtype=str(dtype).removeprefix("torch."),
+                       source="random weights", device=str(next(model.parameters()).device))
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    # ~length-token prompts of varied length (within +-8), distinct per request
+    return [[2 + (i * 7919 + j * 104729) % (vocab - 2) for j in range(length - 8 + i % 17)] for i in range(n)]
+
+
+def engine_run(loaded, concurrency: int, prompt_len: int, new_tokens: int) -> dict:
+    async def main():
+        engine = Engine(loaded, EngineLimits(max_running_requests=max(64, concurrency), max_waiting_requests=64,
+                                             max_prefill_tokens=4096))
+        engine.start()
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        rows = prompts(concurrency, prompt_len, loaded.model.config.vocab_size)
+
+        async def one(ids):
+            started, first, stamps = time.perf_counter(), None, []
+            async for out in engine.submit(ids, params):
+                stamps.append(time.perf_counter())
+                if first is None:
+                    first = stamps[-1] - started
+            return first, len(stamps), [b - a for a, b in zip(stamps, stamps[1:])]
+
+        try:
+            await asyncio.gather(*(one(p) for p in rows))  # warm-up at the same concurrency
+            started = time.perf_counter()
+            results = await asyncio.gather(*(one(p) for p in rows))
+            wall = time.perf_counter() - started
+        finally:
+            engine.shutdown()
+        itl = [gap for r in results for gap in r[2]]
+        return {"tokens_per_s": sum(r[1] for r in results) / wall,
+                "ttft_p50_ms": 1000 * statistics.median(r[0] for r in results),
+                "itl_p50_ms": 1000 * statistics.median(itl) if itl else float("nan")}
+
+    return asyncio.run(main())
+
+
+def static_generate_run(loaded, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """transformers' own fast path: static cache, compiled forward (its default with a static cache)."""
+    model = loaded.model
+    rows = prompts(batch, prompt_len, model.config.vocab_size)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, cache_implementation="static")
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        model.generate(**kwargs)  # compiles
+        sync()
+        started = time.perf_counter()
+        model.generate(**kwargs)
+        sync()
+    return batch * new_tokens / (time.perf_counter() - started)
+
+
+def hbm_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    src = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    rate = 2 * src.numel() * 10 / (time.perf_counter() - started)
+    del src, dst
+    torch.cuda.empty_cache()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="glm4-9b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--generate-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu-glm4-9b.md"))
+    args = parser.parse_args()
+
+    bandwidth = hbm_bandwidth(args.device)
+    loaded = build(args.shape, args.device, torch.bfloat16, context=args.prompt_tokens + args.new_tokens + 64)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    step_s = weights / bandwidth
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"{device}: weights {weights / 1e9:.1f} GB, HBM {bandwidth / 1e12:.2f} TB/s, "
+          f"roofline {step_s * 1000:.2f} ms/step", flush=True)
+
+    rows = []
+    for c in args.concurrency:
+        r = engine_run(loaded, c, args.prompt_tokens, args.new_tokens)
+        rows.append((c, r))
+        print(f"engine c={c}: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
+              f"ITL p50 {r['itl_p50_ms']:.1f} ms", flush=True)
+    generate = {}
+    for b in args.generate_batches:
+        generate[b] = static_generate_run(loaded, b, args.prompt_tokens, args.new_tokens)
+        print(f"static compiled generate batch {b}: {generate[b]:.0f} tok/s", flush=True)
+
+    lines = [
+        f"# Engine on a GPU: GLM-4-9B shapes ({args.shape}, bfloat16)", "",
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, torch {torch.__version__}; random weights "
+        f"({weights / 1e9:.1f} GB); prompts ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+        "(ignore_eos), greedy; the engine driven in-process; one run of `python bench/bench_gpu_glm.py`.",
+        f"Measured HBM bandwidth {bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode step.", "",
+        "| concurrency | engine tok/s | TTFT p50 (ms) | ITL p50 (ms) | static compiled generate tok/s | "
+        "engine / generate | roofline tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, r in rows:
+        g = generate.get(c)
+        vs_generate = f"{g:.0f} | {r['tokens_per_s'] / g:.2f}x" if g else "n/a | n/a"
+        lines.append(f"| {c} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
+                     f"{vs_generate} | {c / step_s:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()

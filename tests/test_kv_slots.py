@@ -1,0 +1,117 @@
+"""The fixed-slot KV cache (kv_slots.py, --kv-cache slots): batched greedy equals alone, token for token,
+with staggered joins and leaves and slots reused by new requests; a prompt that cannot fit gets a 400."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from conftest import chat_ids, start_server
+from model_service.llm.engine import Engine, EngineLimits
+from model_service.llm.loader import load_model
+from model_service.llm.sampling import SamplingParams
+from tiny_models import build_tiny_glm
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("glm-slots")
+    build_tiny_glm(path)
+    loaded = load_model(str(path))
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(40)  # spread logits: greedy paths differ by prompt
+    return loaded
+
+
+async def generate(engine, ids, max_tokens):
+    tokens = []
+    async for out in engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)):
+        tokens += out.token_ids
+    return tokens
+
+
+def staggered_run(loaded, jobs, limits: EngineLimits):
+    """Each job alone, then all of them arriving staggered; also records the slot of every admission."""
+    async def main():
+        engine = Engine(loaded, limits)
+        engine.start()
+        slots: list[tuple[int, int]] = []
+        original = engine._scheduler.complete_prefill
+
+        def spy(plan, joined):
+            slots.extend((s.id, s.slot) for s in plan.sequences)
+            original(plan, joined)
+
+        engine._scheduler.complete_prefill = spy
+        try:
+            alone = [await generate(engine, ids, n) for ids, n in jobs]
+            slots.clear()
+
+            async def late(ids, n, delay):
+                await asyncio.sleep(delay)
+                return await generate(engine, ids, n)
+
+            together = await asyncio.wait_for(asyncio.gather(
+                *(late(ids, n, 0.05 * i) for i, (ids, n) in enumerate(jobs))), timeout=600)
+            return alone, together, slots, engine
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_tiny_glm_batched_equals_alone_with_joins_leaves_and_reused_slots(glm):
+    words = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
+             "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
+             " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks
+    jobs = [(glm.tokenizer(w, add_special_tokens=False).input_ids, 6 + 5 * (i % 4)) for i, w in enumerate(words)]
+    limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
+                          kv_cache="slots")
+    alone, together, slots, engine = staggered_run(glm, jobs, limits)
+    assert engine._slots is not None
+    assert together == alone
+    assert all(len(t) == n for t, (_, n) in zip(together, jobs))
+    used = [slot for _, slot in slots]
+    assert len(used) == len(jobs) and set(used) == {0, 1, 2}  # 8 requests through 3 slots: reused
+    # and the padded cache, an independent implementation, gives the same tokens
+    padded, _, _, _ = staggered_run(glm, jobs, EngineLimits(max_running_requests=3, max_prefill_tokens=16,
+                                                             kv_cache="padded"))
+    assert padded == alone
+
+
+def test_embedded_model_batched_equals_alone_in_slots(smollm):
+    assert smollm.dtype == "float32"  # batch invariance is a float32 guarantee
+    questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea.",
+                 "What is 2+2?", "Explain photosynthesis in one sentence."]
+    jobs = [(chat_ids(smollm.tokenizer, q), 12 + 4 * i) for i, q in enumerate(questions)]
+    alone, together, slots, _ = staggered_run(
+        smollm, jobs, EngineLimits(max_running_requests=3, max_waiting_requests=8, kv_cache="slots",
+                                   kv_cache_tokens=256))
+    assert together == alone
+    assert len({slot for _, slot in slots}) == 3
+
+
+def test_slots_cap_the_context_length_they_hold(glm):
+    engine = Engine(glm, EngineLimits(max_running_requests=2, kv_cache="slots", kv_cache_tokens=32))
+    assert engine.model_info.context_length == 32 and glm.context_length == 256  # the shared model is untouched
+    assert engine._slots.layers[0].keys.shape == (2, 2, 33, 8)
+
+
+@pytest.mark.slow
+def test_prompt_that_cannot_fit_a_slot_gets_400_and_the_service_keeps_serving(tmp_path):
+    srv = start_server(tmp_path, "--kv-cache", "slots", "--kv-cache-tokens", "96", "--max-running-requests", "2")
+    try:
+        assert "KV cache: 2 slots x 96 tokens" in srv.log()
+        url = f"{srv.base_url}/v1/chat/completions"
+        long = {"messages": [{"role": "user", "content": "tell me a story " * 40}], "max_tokens": 4}
+        r = httpx.post(url, json=long, timeout=120)
+        assert r.status_code == 400, r.text
+        assert "96" in r.json()["error"]["message"]
+        ok = httpx.post(url, json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                                   "max_tokens": 12, "temperature": 0}, timeout=300)
+        assert ok.status_code == 200 and "Paris" in ok.json()["choices"][0]["message"]["content"]
+    finally:
+        srv.stop()
