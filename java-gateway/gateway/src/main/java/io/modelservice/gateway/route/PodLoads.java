@@ -17,6 +17,7 @@ import io.netty.channel.ChannelOption;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 import org.springframework.beans.factory.DisposableBean;
+import org.springframework.beans.factory.annotation.Autowired;
 import org.springframework.boot.context.properties.EnableConfigurationProperties;
 import org.springframework.cloud.client.ServiceInstance;
 import org.springframework.http.client.reactive.ReactorClientHttpConnector;
@@ -60,6 +61,7 @@ public class PodLoads implements DisposableBean {
     private final ConnectionProvider connections;
     private final Disposable scraper;
 
+    @Autowired
     public PodLoads(LoadBalancerProperties properties, MeterRegistry meters) {
         this(properties, meters, System::nanoTime, true);
     }
