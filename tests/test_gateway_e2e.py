@@ -72,7 +72,7 @@ def pods(nacos, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gateway(nacos, pods, tmp_path_factory):
     gw = start_gateway(tmp_path_factory.mktemp("gw"), nacos.address, INTERNAL_KEY, KEYS,
-                       "--llm-gateway.max-body-size=64KB", "--llm-gateway.resilience.open-state-wait=60s")
+                       "--llm-gateway.max-body-size=64KB", "--resilience4j.circuitbreaker.configs.default.wait-duration-in-open-state=60s")
     yield gw
     gw.stop()
 

@@ -89,7 +89,7 @@ def gateway(nacos, pod, tmp_path_factory):
                        f"--llm-gateway.edge.read-timeout={EDGE_TIMEOUT_S}s",
                        f"--llm-gateway.edge.request-head-timeout={EDGE_TIMEOUT_S}s",
                        # an opened breaker would stay open for the rest of the module
-                       "--llm-gateway.resilience.open-state-wait=120s",
+                       "--resilience4j.circuitbreaker.configs.default.wait-duration-in-open-state=120s",
                        env={"GATEWAY_UPSTREAM_ALLOWED_NETWORKS": "127.0.0.1/32"})
     yield gw
     gw.stop()

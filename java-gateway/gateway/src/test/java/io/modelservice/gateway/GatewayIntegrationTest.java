@@ -12,6 +12,8 @@ import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
 
 import io.github.resilience4j.circuitbreaker.CircuitBreaker;
+import io.github.resilience4j.circuitbreaker.CircuitBreakerConfig;
+import io.github.resilience4j.timelimiter.TimeLimiterRegistry;
 import io.micrometer.core.instrument.MeterRegistry;
 import io.modelservice.gateway.auth.Authenticator;
 import io.modelservice.gateway.route.InstanceBreakers;
@@ -27,6 +29,7 @@ import org.springframework.boot.test.web.server.LocalServerPort;
 import org.springframework.core.ParameterizedTypeReference;
 import org.springframework.http.MediaType;
 import org.springframework.http.codec.ServerSentEvent;
+import org.springframework.cloud.circuitbreaker.resilience4j.ReactiveResilience4JCircuitBreakerFactory;
 import org.springframework.test.context.DynamicPropertyRegistry;
 import org.springframework.test.context.DynamicPropertySource;
 import org.springframework.test.web.reactive.server.WebTestClient;
@@ -73,6 +76,9 @@ class GatewayIntegrationTest {
         r.add("llm-gateway.routes[2].models[0]", () -> "fb-model");
         r.add("llm-gateway.routes[2].fallback-route", () -> "model-service");
         r.add("llm-gateway.routes[2].fallback-model", () -> "stub-model");
+        // breaker tuning is configuration: one route gets its own block on top of configs.default
+        r.add("resilience4j.circuitbreaker.instances.down.base-config", () -> "default");
+        r.add("resilience4j.circuitbreaker.instances.down.wait-duration-in-open-state", () -> "16s");
         key(r, 0, "alice", "sk-alice", 100_000, "");
         key(r, 1, "tiny", "sk-tiny", 10, "");
         key(r, 2, "restricted", "sk-restricted", 100_000, "only-this-model");
@@ -112,6 +118,12 @@ class GatewayIntegrationTest {
 
     @Autowired
     InstanceBreakers breakers;
+
+    @Autowired
+    ReactiveResilience4JCircuitBreakerFactory routeBreakers;
+
+    @Autowired
+    TimeLimiterRegistry timeLimiters;
 
     static final String CHAT = "{\"model\":\"stub-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
     static final String STREAM = "{\"model\":\"stub-model\",\"stream\":true,\"messages\":[{\"role\":\"user\","
@@ -371,5 +383,26 @@ class GatewayIntegrationTest {
         } catch (IOException e) {
             throw new IllegalStateException(e);
         }
+    }
+
+    /** The breakers are tuned by resilience4j.* in application.yml (no rebuild): routes, pods and time limit. */
+    @Test
+    void breakersAreTunedByResilience4jProperties() {
+        CircuitBreakerConfig routeDefault = routeBreakers.getCircuitBreakerRegistry().getDefaultConfig();
+        assertThat(routeDefault.getSlidingWindowSize()).isEqualTo(10);
+        assertThat(routeDefault.getMinimumNumberOfCalls()).isEqualTo(4);
+        assertThat(routeDefault.getFailureRateThreshold()).isEqualTo(50f);
+        assertThat(timeLimiters.getDefaultConfig().getTimeoutDuration()).isEqualTo(Duration.ofSeconds(930));
+        // a route's own block, used by the breaker its requests go through
+        post("sk-alice", CHAT.replace("stub-model", "down-model")).expectStatus().isEqualTo(503);
+        assertThat(routeBreakers.getCircuitBreakerRegistry().circuitBreaker("down").getCircuitBreakerConfig()
+                .getWaitIntervalFunctionInOpenState().apply(1)).isEqualTo(16_000L);
+        assertThat(routeBreakers.getCircuitBreakerRegistry().circuitBreaker("model-service").getCircuitBreakerConfig()
+                .getWaitIntervalFunctionInOpenState().apply(1)).isEqualTo(15_000L);
+        // the per-pod breakers: configs.instance on top of configs.default
+        CircuitBreakerConfig pod = breakers.forInstance("203.0.113.9:1").getCircuitBreakerConfig();
+        assertThat(pod.getPermittedNumberOfCallsInHalfOpenState()).isEqualTo(2);
+        assertThat(pod.getSlidingWindowSize()).isEqualTo(10);
+        assertThat(pod.isAutomaticTransitionFromOpenToHalfOpenEnabled()).isTrue();
     }
 }

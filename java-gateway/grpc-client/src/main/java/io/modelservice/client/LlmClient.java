@@ -20,6 +20,8 @@ import io.modelservice.llm.v1.ChatRequest;
 import io.modelservice.llm.v1.ChatResponse;
 import io.modelservice.llm.v1.ChatStreamResponse;
 import io.modelservice.llm.v1.LlmServiceGrpc;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * Calls the model service over gRPC with a deadline on every call, failing over to the next instance when one is
@@ -27,6 +29,8 @@ import io.modelservice.llm.v1.LlmServiceGrpc;
  * message: once text was delivered it is not replayed.
  */
 public final class LlmClient implements AutoCloseable {
+
+    private static final Logger log = LoggerFactory.getLogger(LlmClient.class);
 
     /** Where the instances come from (Nacos in production, a fixed list in tests). */
     @FunctionalInterface
@@ -109,8 +113,7 @@ public final class LlmClient implements AutoCloseable {
                 if (!failsOver(e.getStatus())) {
                     throw e;
                 }
-                System.err.println("instance " + endpoint + " answered " + e.getStatus().getCode()
-                        + "; trying the next one");
+                log.warn("instance {} answered {}; trying the next one", endpoint, e.getStatus().getCode());
                 last = e;
             }
         }

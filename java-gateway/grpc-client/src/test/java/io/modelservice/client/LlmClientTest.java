@@ -4,9 +4,11 @@ import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
+import java.util.Properties;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicReference;
 
+import com.alibaba.nacos.api.PropertyKeyConst;
 import com.alibaba.nacos.api.naming.pojo.Instance;
 import io.grpc.Metadata;
 import io.grpc.Server;
@@ -225,5 +227,25 @@ class LlmClientTest {
         assertThrows(IllegalArgumentException.class, () -> LlmClientMain.parse(new String[] {"--stream"}));
         assertThrows(IllegalArgumentException.class,
                 () -> LlmClientMain.parse(new String[] {"--target", "nohost", "q"}));
+    }
+
+    @Test
+    void nacosLoginComesFromSystemPropertiesThenEnvironment() {
+        Map<String, String> env = Map.of("NACOS_USERNAME", "reader", "NACOS_PASSWORD", "s3cret");
+        Properties fromEnv = NacosEndpoints.clientProperties("10.0.0.1:8848", "prod", k -> null, env::get);
+        assertEquals("10.0.0.1:8848", fromEnv.getProperty(PropertyKeyConst.SERVER_ADDR));
+        assertEquals("prod", fromEnv.getProperty(PropertyKeyConst.NAMESPACE));
+        assertEquals("reader", fromEnv.getProperty(PropertyKeyConst.USERNAME));
+        assertEquals("s3cret", fromEnv.getProperty(PropertyKeyConst.PASSWORD));
+
+        Map<String, String> sys = Map.of("nacos.username", "ops", "nacos.password", "other");
+        Properties fromSys = NacosEndpoints.clientProperties("10.0.0.1:8848", null, sys::get, env::get);
+        assertEquals("ops", fromSys.getProperty(PropertyKeyConst.USERNAME));
+        assertEquals("other", fromSys.getProperty(PropertyKeyConst.PASSWORD));
+        assertNull(fromSys.getProperty(PropertyKeyConst.NAMESPACE));
+
+        Properties anonymous = NacosEndpoints.clientProperties("10.0.0.1:8848", null, k -> null, k -> "");
+        assertNull(anonymous.getProperty(PropertyKeyConst.USERNAME));
+        assertNull(anonymous.getProperty(PropertyKeyConst.PASSWORD));
     }
 }

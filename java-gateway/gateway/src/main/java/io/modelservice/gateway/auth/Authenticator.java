@@ -23,14 +23,14 @@ public class Authenticator {
     private final JwtAuthenticator jwt;
 
     public Authenticator(GatewayProperties properties) {
-        for (GatewayProperties.ApiKey key : properties.getApiKeys()) {
-            Caller caller = new Caller(key.getName(), "api_key", new LinkedHashSet<>(key.getModels()),
-                    key.getRequestsPerMinute(), key.getTokensPerMinute());
-            if (callersByHash.put(key.getSha256().toLowerCase(Locale.ROOT), caller) != null) {
-                throw new IllegalStateException("two API keys share the same sha256 (" + key.getName() + ")");
+        for (GatewayProperties.ApiKey key : properties.apiKeys()) {
+            Caller caller = new Caller(key.name(), "api_key", new LinkedHashSet<>(key.models()),
+                    key.requestsPerMinute(), key.tokensPerMinute());
+            if (callersByHash.put(key.sha256().toLowerCase(Locale.ROOT), caller) != null) {
+                throw new IllegalStateException("two API keys share the same sha256 (" + key.name() + ")");
             }
         }
-        this.jwt = properties.getJwt().isEnabled() ? new JwtAuthenticator(properties.getJwt()) : null;
+        this.jwt = properties.jwt().enabled() ? new JwtAuthenticator(properties.jwt()) : null;
     }
 
     /** @throws AuthenticationException when the header is missing, malformed or names no valid credential. */

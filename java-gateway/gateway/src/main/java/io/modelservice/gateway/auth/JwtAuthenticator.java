@@ -30,9 +30,9 @@ public class JwtAuthenticator {
     public JwtAuthenticator(GatewayProperties.Jwt config) {
         this.config = config;
         try {
-            this.hmacVerifier = config.getHmacSecret().isBlank() ? null : new MACVerifier(config.getHmacSecret());
-            this.rsaVerifier = config.getRsaPublicKey().isBlank() ? null
-                    : new RSASSAVerifier(parseRsaPublicKey(config.getRsaPublicKey()));
+            this.hmacVerifier = config.hmacSecret().isBlank() ? null : new MACVerifier(config.hmacSecret());
+            this.rsaVerifier = config.rsaPublicKey().isBlank() ? null
+                    : new RSASSAVerifier(parseRsaPublicKey(config.rsaPublicKey()));
         } catch (JOSEException e) {
             throw new IllegalStateException("invalid JWT key configuration: " + e.getMessage(), e);
         }
@@ -66,33 +66,33 @@ public class JwtAuthenticator {
         }
         Instant now = Instant.now();
         Date exp = claims.getExpirationTime();
-        if (exp == null || now.isAfter(exp.toInstant().plus(config.getClockSkew()))) {
+        if (exp == null || now.isAfter(exp.toInstant().plus(config.clockSkew()))) {
             throw new AuthenticationException("The bearer token has expired.");
         }
         Date nbf = claims.getNotBeforeTime();
-        if (nbf != null && now.isBefore(nbf.toInstant().minus(config.getClockSkew()))) {
+        if (nbf != null && now.isBefore(nbf.toInstant().minus(config.clockSkew()))) {
             throw new AuthenticationException("The bearer token is not valid yet.");
         }
-        if (!config.getIssuer().isBlank() && !config.getIssuer().equals(claims.getIssuer())) {
+        if (!config.issuer().isBlank() && !config.issuer().equals(claims.getIssuer())) {
             throw new AuthenticationException("The bearer token has the wrong issuer.");
         }
-        if (!config.getAudience().isBlank()
-                && (claims.getAudience() == null || !claims.getAudience().contains(config.getAudience()))) {
+        if (!config.audience().isBlank()
+                && (claims.getAudience() == null || !claims.getAudience().contains(config.audience()))) {
             throw new AuthenticationException("The bearer token has the wrong audience.");
         }
-        Object name = claims.getClaim(config.getCallerClaim());
+        Object name = claims.getClaim(config.callerClaim());
         if (!(name instanceof String caller) || caller.isBlank()) {
             throw new AuthenticationException("The bearer token names no caller.");
         }
         Set<String> models = new LinkedHashSet<>();
-        Object claimed = claims.getClaim(config.getModelsClaim());
+        Object claimed = claims.getClaim(config.modelsClaim());
         if (claimed instanceof List<?> list) {
             list.forEach(m -> models.add(String.valueOf(m)));
             if (models.isEmpty()) {
                 models.add("\u0000none");  // an explicit empty list allows no model
             }
         }
-        return new Caller(caller, "jwt", models, config.getRequestsPerMinute(), config.getTokensPerMinute());
+        return new Caller(caller, "jwt", models, config.requestsPerMinute(), config.tokensPerMinute());
     }
 
     static RSAPublicKey parseRsaPublicKey(String pem) {

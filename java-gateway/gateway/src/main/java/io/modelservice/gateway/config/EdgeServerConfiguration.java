@@ -21,12 +21,12 @@ public class EdgeServerConfiguration {
 
     @Bean
     public NettyServerCustomizer edgeReadTimeouts(GatewayProperties properties) {
-        GatewayProperties.Edge edge = properties.getEdge();
-        return server -> server.readTimeout(edge.getReadTimeout()).requestTimeout(edge.getRequestTimeout())
+        GatewayProperties.Edge edge = properties.edge();
+        return server -> server.readTimeout(edge.readTimeout()).requestTimeout(edge.requestTimeout())
                 .doOnChannelInit((observer, channel, remote) -> {
                     if (channel.pipeline().get(NettyPipeline.HttpTrafficHandler) != null) {
                         channel.pipeline().addAfter(NettyPipeline.HttpTrafficHandler, RequestHeadDeadline.NAME,
-                                new RequestHeadDeadline(edge.getRequestHeadTimeout()));
+                                new RequestHeadDeadline(edge.requestHeadTimeout()));
                     }
                 });
     }

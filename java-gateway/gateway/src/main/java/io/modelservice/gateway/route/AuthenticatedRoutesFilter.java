@@ -1,7 +1,6 @@
 package io.modelservice.gateway.route;
 
 import io.modelservice.gateway.web.GatewayAttributes;
-import io.modelservice.gateway.web.GatewayMetrics;
 import io.modelservice.gateway.web.OpenAiErrors;
 import org.springframework.cloud.gateway.filter.GatewayFilterChain;
 import org.springframework.cloud.gateway.filter.GlobalFilter;
@@ -18,10 +17,10 @@ import reactor.core.publisher.Mono;
 @Component
 public class AuthenticatedRoutesFilter implements GlobalFilter, Ordered {
 
-    private final GatewayMetrics metrics;
+    private final OpenAiErrors errors;
 
-    public AuthenticatedRoutesFilter(GatewayMetrics metrics) {
-        this.metrics = metrics;
+    public AuthenticatedRoutesFilter(OpenAiErrors errors) {
+        this.errors = errors;
     }
 
     @Override
@@ -34,8 +33,7 @@ public class AuthenticatedRoutesFilter implements GlobalFilter, Ordered {
         if (exchange.getAttribute(GatewayAttributes.CALLER) != null) {
             return chain.filter(exchange);
         }
-        metrics.rejected("unauthenticated_route");
-        return OpenAiErrors.write(exchange, OpenAiErrors.unauthorized(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."));
+        return errors.reject(exchange, OpenAiErrors.unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."), "unauthenticated_route");
     }
 }

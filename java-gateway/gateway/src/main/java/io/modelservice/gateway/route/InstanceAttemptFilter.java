@@ -44,7 +44,7 @@ public class InstanceAttemptFilter implements GlobalFilter, Ordered {
         this.breakers = breakers;
         this.metrics = metrics;
         this.allowlist = allowlist;
-        this.failureStatuses = Set.copyOf(properties.getResilience().getFailureStatuses());
+        this.failureStatuses = Set.copyOf(properties.resilience().failureStatuses());
     }
 
     @Override

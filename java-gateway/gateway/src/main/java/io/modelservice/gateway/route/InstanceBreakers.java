@@ -5,30 +5,26 @@ import io.github.resilience4j.circuitbreaker.CircuitBreakerConfig;
 import io.github.resilience4j.circuitbreaker.CircuitBreakerRegistry;
 import io.github.resilience4j.micrometer.tagged.TaggedCircuitBreakerMetrics;
 import io.micrometer.core.instrument.MeterRegistry;
-import io.modelservice.gateway.config.GatewayProperties;
 import org.springframework.cloud.client.ServiceInstance;
 import org.springframework.stereotype.Component;
 
 /**
  * One Resilience4j circuit breaker per model-service instance ("host:port"): an instance that keeps failing
- * (connect errors, 5xx) is skipped by the load balancer until its breaker lets trial calls through again.
+ * (connect errors, {@code resilience.failure-statuses}) is skipped by the load balancer until its breaker lets trial
+ * calls through again. Tuned by {@code resilience4j.circuitbreaker.configs.instance} (application.yml; falls back
+ * to {@code configs.default}). The breakers live in their own registry, apart from the route breakers of Spring
+ * Cloud CircuitBreaker, so that an instance key never picks up a route's configuration.
  */
 @Component
 public class InstanceBreakers {
 
+    /** The name of the Resilience4j configuration ({@code resilience4j.circuitbreaker.configs.<name>}). */
+    public static final String CONFIG = "instance";
+
     private final CircuitBreakerRegistry registry;
 
-    public InstanceBreakers(GatewayProperties properties, MeterRegistry meterRegistry) {
-        GatewayProperties.Resilience r = properties.getResilience();
-        CircuitBreakerConfig config = CircuitBreakerConfig.custom()
-                .failureRateThreshold(r.getFailureRateThreshold())
-                .slidingWindowType(CircuitBreakerConfig.SlidingWindowType.COUNT_BASED)
-                .slidingWindowSize(r.getSlidingWindowSize())
-                .minimumNumberOfCalls(r.getMinimumNumberOfCalls())
-                .waitDurationInOpenState(r.getOpenStateWait())
-                .automaticTransitionFromOpenToHalfOpenEnabled(true)
-                .permittedNumberOfCallsInHalfOpenState(2)
-                .build();
+    public InstanceBreakers(CircuitBreakerRegistry configured, MeterRegistry meterRegistry) {
+        CircuitBreakerConfig config = configured.getConfiguration(CONFIG).orElseGet(configured::getDefaultConfig);
         this.registry = CircuitBreakerRegistry.of(config);
         TaggedCircuitBreakerMetrics.ofCircuitBreakerRegistry(registry).bindTo(meterRegistry);
     }

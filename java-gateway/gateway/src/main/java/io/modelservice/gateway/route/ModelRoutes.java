@@ -10,15 +10,15 @@ import java.util.stream.Stream;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ObjectNode;
-import io.github.resilience4j.circuitbreaker.CircuitBreakerConfig;
-import io.github.resilience4j.timelimiter.TimeLimiterConfig;
+import io.github.resilience4j.timelimiter.TimeLimiterRegistry;
 import io.modelservice.gateway.config.GatewayProperties;
 import io.modelservice.gateway.config.GatewayProperties.ModelRoute;
-import io.modelservice.gateway.web.EdgeFilter;
+import io.modelservice.gateway.web.InternalPathFilter;
+import io.modelservice.gateway.web.ReplayableBody;
 import io.modelservice.gateway.web.GatewayAttributes;
-import org.springframework.cloud.circuitbreaker.resilience4j.ReactiveResilience4JCircuitBreakerFactory;
-import org.springframework.cloud.circuitbreaker.resilience4j.Resilience4JConfigBuilder;
-import org.springframework.cloud.client.circuitbreaker.Customizer;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+import org.springframework.boot.ApplicationRunner;
 import org.springframework.cloud.gateway.filter.GatewayFilter;
 import org.springframework.cloud.gateway.route.RouteLocator;
 import org.springframework.cloud.gateway.route.builder.GatewayFilterSpec;
@@ -34,77 +34,79 @@ import static org.springframework.cloud.gateway.support.RouteMetadataUtils.RESPO
 
 /**
  * The routes, from {@code llm-gateway.routes}: {@code /v1/** -> lb://<service>} (instances from Nacos), each with
- * a circuit breaker (fallback: an OpenAI-shaped 503, or another model's route) and retries on another instance
- * of what {@code llm-gateway.resilience} lists (connect errors, 502/503/504, a pod's 429).
+ * a circuit breaker (tuned by {@code resilience4j.circuitbreaker.*}; fallback: an OpenAI-shaped 503, or another
+ * model's route) and retries on another instance of what {@code llm-gateway.resilience} lists (connect errors,
+ * 502/503/504, a pod's 429).
  * Routes that list models take the requests for those models; a route without models takes the rest.
  */
 @Configuration(proxyBeanMethods = false)
 public class ModelRoutes {
 
-    public static final String VIA = EdgeFilter.INTERNAL_PREFIX + "via/";
-    public static final String FALLBACK = EdgeFilter.INTERNAL_PREFIX + "fallback/";
+    public static final String VIA = InternalPathFilter.INTERNAL_PREFIX + "via/";
+    public static final String FALLBACK = InternalPathFilter.INTERNAL_PREFIX + "fallback/";
 
-    private static final ObjectMapper JSON = new ObjectMapper();
+    private static final Logger log = LoggerFactory.getLogger(ModelRoutes.class);
 
     @Bean
-    public RouteLocator modelRouteLocator(RouteLocatorBuilder builder, GatewayProperties properties) {
+    public RouteLocator modelRouteLocator(RouteLocatorBuilder builder, GatewayProperties properties,
+                                          ObjectMapper json) {
         RouteLocatorBuilder.Builder routes = builder.routes();
-        List<ModelRoute> configured = properties.getRoutes();
+        List<ModelRoute> configured = properties.routes();
         Set<String> ids = new HashSet<>();
         for (ModelRoute route : configured) {
-            if (!ids.add(route.getId())) {
-                throw new IllegalStateException("duplicate llm-gateway.routes id: " + route.getId());
+            if (!ids.add(route.id())) {
+                throw new IllegalStateException("duplicate llm-gateway.routes id: " + route.id());
             }
         }
         for (ModelRoute route : configured) {
-            if (!route.getFallbackRoute().isBlank() && !ids.contains(route.getFallbackRoute())) {
-                throw new IllegalStateException("route " + route.getId() + " falls back to unknown route "
-                        + route.getFallbackRoute());
+            if (!route.fallbackRoute().isBlank() && !ids.contains(route.fallbackRoute())) {
+                throw new IllegalStateException("route " + route.id() + " falls back to unknown route "
+                        + route.fallbackRoute());
             }
         }
         for (int i = 0; i < configured.size(); i++) {
             ModelRoute route = configured.get(i);
-            Set<String> models = Set.copyOf(route.getModels());
+            Set<String> models = Set.copyOf(route.models());
             int order = models.isEmpty() ? 1000 + i : i;
-            String fallbackUri = route.getFallbackRoute().isBlank()
-                    ? "forward:" + FALLBACK + route.getId()
-                    : "forward:" + VIA + route.getFallbackRoute();
-            routes.route(route.getId(), r -> r.order(order)
+            String fallbackUri = route.fallbackRoute().isBlank()
+                    ? "forward:" + FALLBACK + route.id()
+                    : "forward:" + VIA + route.fallbackRoute();
+            routes.route(route.id(), r -> r.order(order)
                     .path("/v1/**").and()
                     .predicate(exchange -> models.isEmpty()
                             || models.contains(exchange.<String>getAttribute(GatewayAttributes.MODEL)))
                     .filters(f -> resilience(f.filter(rememberFallbackModel(route)), route, fallbackUri,
-                            properties.getResilience()))
-                    .metadata(RESPONSE_TIMEOUT_ATTR, route.getResponseTimeout().toMillis())
-                    .metadata(CONNECT_TIMEOUT_ATTR, (int) route.getConnectTimeout().toMillis())
-                    .uri("lb://" + route.getService()));
+                            properties.resilience()))
+                    .metadata(RESPONSE_TIMEOUT_ATTR, route.responseTimeout().toMillis())
+                    .metadata(CONNECT_TIMEOUT_ATTR, (int) route.connectTimeout().toMillis())
+                    .uri("lb://" + route.service()));
             // The same service, reached as another route's fallback (internal path, never from outside).
-            routes.route(route.getId() + "-as-fallback", r -> r.order(order)
-                    .path(VIA + route.getId())
-                    .filters(f -> resilience(f.filter(asFallback(route)), route, "forward:" + FALLBACK + route.getId(),
-                            properties.getResilience()))
-                    .metadata(RESPONSE_TIMEOUT_ATTR, route.getResponseTimeout().toMillis())
-                    .metadata(CONNECT_TIMEOUT_ATTR, (int) route.getConnectTimeout().toMillis())
-                    .uri("lb://" + route.getService()));
+            routes.route(route.id() + "-as-fallback", r -> r.order(order)
+                    .path(VIA + route.id())
+                    .filters(f -> resilience(f.filter(asFallback(route, json)), route,
+                            "forward:" + FALLBACK + route.id(), properties.resilience()))
+                    .metadata(RESPONSE_TIMEOUT_ATTR, route.responseTimeout().toMillis())
+                    .metadata(CONNECT_TIMEOUT_ATTR, (int) route.connectTimeout().toMillis())
+                    .uri("lb://" + route.service()));
         }
         return routes.build();
     }
 
     private static GatewayFilterSpec resilience(GatewayFilterSpec f, ModelRoute route, String fallbackUri,
                                                 GatewayProperties.Resilience resilience) {
-        GatewayFilterSpec spec = f.circuitBreaker(c -> c.setName(route.getId()).setFallbackUri(fallbackUri));
-        if (resilience.getRetries() > 0) {
-            Duration first = resilience.getRetryBackoff();
+        GatewayFilterSpec spec = f.circuitBreaker(c -> c.setName(route.id()).setFallbackUri(fallbackUri));
+        if (resilience.retries() > 0) {
+            Duration first = resilience.retryBackoff();
             // Only what says "this pod cannot take it now" is worth another pod: connect errors, the failure
             // statuses (502/503/504) and the refusal statuses (a pod's 429, answered before any work when its batch
             // and queue are full; the load balancer prefers untried pods). Never a plain 500 or another 4xx: those
             // are about the request, and retrying them multiplies one bad request. The client sees the last answer.
-            HttpStatus[] statuses = Stream.concat(resilience.getFailureStatuses().stream(),
-                    resilience.getRefusalStatuses().stream()).distinct().map(HttpStatus::valueOf)
+            HttpStatus[] statuses = Stream.concat(resilience.failureStatuses().stream(),
+                    resilience.refusalStatuses().stream()).distinct().map(HttpStatus::valueOf)
                     .toArray(HttpStatus[]::new);
-            HttpMethod[] methods = resilience.getRetryMethods().stream().map(HttpMethod::valueOf)
+            HttpMethod[] methods = resilience.retryMethods().stream().map(HttpMethod::valueOf)
                     .toArray(HttpMethod[]::new);
-            spec = spec.retry(c -> c.setRetries(resilience.getRetries())
+            spec = spec.retry(c -> c.setRetries(resilience.retries())
                     .setMethods(methods)
                     .setSeries()
                     .setStatuses(statuses)
@@ -117,58 +119,58 @@ public class ModelRoutes {
     /** Notes the model name the fallback route should be asked for, if this route has one. */
     private static GatewayFilter rememberFallbackModel(ModelRoute route) {
         return (exchange, chain) -> {
-            if (!route.getFallbackModel().isBlank()) {
-                exchange.getAttributes().put(GatewayAttributes.FALLBACK_MODEL, route.getFallbackModel());
+            if (!route.fallbackModel().isBlank()) {
+                exchange.getAttributes().put(GatewayAttributes.FALLBACK_MODEL, route.fallbackModel());
             }
             return chain.filter(exchange);
         };
     }
 
     /** Restores the client's path and, when the failed route says so, the fallback's model name in the body. */
-    private static GatewayFilter asFallback(ModelRoute route) {
+    private static GatewayFilter asFallback(ModelRoute route, ObjectMapper json) {
         return (exchange, chain) -> {
             String path = exchange.getAttributeOrDefault(GatewayAttributes.ORIGINAL_PATH, "/v1/chat/completions");
             byte[] body = exchange.getAttribute(GatewayAttributes.BODY);
             String model = exchange.getAttribute(GatewayAttributes.FALLBACK_MODEL);
             if (body != null && model != null) {
                 try {
-                    ObjectNode node = (ObjectNode) JSON.readTree(body);
+                    ObjectNode node = (ObjectNode) json.readTree(body);
                     node.put("model", model);
-                    body = JSON.writeValueAsBytes(node);
+                    body = json.writeValueAsBytes(node);
                 } catch (Exception e) {
                     return chain.filter(exchange);
                 }
             }
             byte[] forwarded = body;
-            exchange.getAttributes().put(GatewayAttributes.FALLBACK_ROUTE, route.getId());
+            exchange.getAttributes().put(GatewayAttributes.FALLBACK_ROUTE, route.id());
             ServerHttpRequest request = exchange.getRequest().mutate().path(path).headers(h -> {
                 if (forwarded != null) {
                     h.setContentLength(forwarded.length);
                 }
             }).build();
-            return chain.filter(exchange.mutate().request(EdgeFilter.withBody(request, forwarded)).build());
+            return chain.filter(exchange.mutate().request(ReplayableBody.of(request, forwarded)).build());
         };
     }
 
     /**
-     * The route circuit breakers. A route's breaker covers the attempts until the response headers (a stream's
-     * body is written after it), so its time limit only has to exceed the retries' response timeouts.
+     * The route breakers' time limit ({@code resilience4j.timelimiter.configs.default.timeout-duration}) covers every
+     * attempt until the response headers: shorter than the attempts' response timeouts, it would cut a slow
+     * non-streamed generation into a 504. Said at startup, not discovered under load.
      */
     @Bean
-    public Customizer<ReactiveResilience4JCircuitBreakerFactory> routeBreakers(GatewayProperties properties) {
-        GatewayProperties.Resilience r = properties.getResilience();
-        Duration longest = properties.getRoutes().stream().map(ModelRoute::getResponseTimeout)
-                .max(Duration::compareTo).orElse(Duration.ofMinutes(5));
-        Duration limit = longest.multipliedBy(r.getRetries() + 1L).plusSeconds(30);
-        return factory -> factory.configureDefault(id -> new Resilience4JConfigBuilder(id)
-                .circuitBreakerConfig(CircuitBreakerConfig.custom()
-                        .failureRateThreshold(r.getFailureRateThreshold())
-                        .slidingWindowSize(r.getSlidingWindowSize())
-                        .minimumNumberOfCalls(r.getMinimumNumberOfCalls())
-                        .waitDurationInOpenState(r.getOpenStateWait())
-                        .automaticTransitionFromOpenToHalfOpenEnabled(true)
-                        .build())
-                .timeLimiterConfig(TimeLimiterConfig.custom().timeoutDuration(limit).build())
-                .build());
+    public ApplicationRunner routeTimeLimitCheck(TimeLimiterRegistry timeLimiters, GatewayProperties properties) {
+        return args -> {
+            Duration longest = properties.routes().stream().map(ModelRoute::responseTimeout)
+                    .max(Duration::compareTo).orElse(Duration.ZERO);
+            Duration needed = longest.multipliedBy(properties.resilience().retries() + 1L);
+            for (ModelRoute route : properties.routes()) {
+                Duration limit = timeLimiters.getConfiguration(route.id())
+                        .orElseGet(timeLimiters::getDefaultConfig).getTimeoutDuration();
+                if (limit.compareTo(needed) < 0) {
+                    log.warn("route {}: resilience4j time limit {} is shorter than (retries + 1) x response-timeout"
+                            + " = {}; slow answers will end as 504", route.id(), limit, needed);
+                }
+            }
+        };
     }
 }

@@ -37,14 +37,14 @@ public class UpstreamAllowlist {
     private final Counter refused;
 
     public UpstreamAllowlist(GatewayProperties properties, MeterRegistry registry) {
-        for (String cidr : properties.getUpstream().getAllowedNetworks()) {
+        for (String cidr : properties.upstream().allowedNetworks()) {
             networks.add(Network.parse(cidr));
         }
         this.refused = Counter.builder("llm_gateway_upstream_refused")
                 .description("Instances dropped from load balancing because their address is outside "
                         + "llm-gateway.upstream.allowed-networks (counted each time one is dropped)")
                 .register(registry);
-        log.info("upstream instances allowed in {}", properties.getUpstream().getAllowedNetworks());
+        log.info("upstream instances allowed in {}", properties.upstream().allowedNetworks());
     }
 
     /** Whether requests may go to this instance; logs (once) and counts a refusal. */

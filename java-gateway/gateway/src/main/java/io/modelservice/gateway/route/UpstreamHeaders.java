@@ -35,15 +35,15 @@ public class UpstreamHeaders {
                 headers.putAll(input);
                 headers.remove(HttpHeaders.AUTHORIZATION);
                 headers.remove(HttpHeaders.PROXY_AUTHORIZATION);
-                headers.remove(properties.getCallerHeader());
+                headers.remove(properties.callerHeader());
                 URI target = exchange.getAttribute(ServerWebExchangeUtils.GATEWAY_REQUEST_URL_ATTR);
                 Caller caller = exchange.getAttribute(GatewayAttributes.CALLER);
                 if (target != null && allowlist.admits(target.getHost(), target.getPort())) {
-                    if (!properties.getInternalApiKey().isBlank()) {
-                        headers.setBearerAuth(properties.getInternalApiKey());
+                    if (!properties.internalApiKey().isBlank()) {
+                        headers.setBearerAuth(properties.internalApiKey());
                     }
                     if (caller != null) {
-                        headers.set(properties.getCallerHeader(), caller.name());
+                        headers.set(properties.callerHeader(), caller.name());
                     }
                 }
                 return headers;

@@ -2,9 +2,7 @@ package io.modelservice.gateway.usage;
 
 import java.io.ByteArrayOutputStream;
 import java.nio.charset.StandardCharsets;
-import java.util.ArrayList;
 import java.util.List;
-import java.util.function.Function;
 
 import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
@@ -36,17 +34,16 @@ public class UsageTap {
     /** Largest incomplete event held while waiting for its end; beyond that the stream passes untouched. */
     static final int MAX_PENDING = 1024 * 1024;
 
-    private static final ObjectMapper JSON = new ObjectMapper();
-
+    private final ObjectMapper json;
     private final boolean sse;
     private final boolean stripUsageEvent;
     private final ByteArrayOutputStream pending = new ByteArrayOutputStream();
     private boolean passthrough;
     private long contentEvents;
     private Usage usage;
-    private boolean firstByteSeen;
 
-    public UsageTap(boolean sse, boolean stripUsageEvent) {
+    public UsageTap(boolean sse, boolean stripUsageEvent, ObjectMapper json) {
+        this.json = json;
         this.sse = sse;
         this.stripUsageEvent = stripUsageEvent;
         this.passthrough = sse && !stripUsageEvent;
@@ -57,17 +54,11 @@ public class UsageTap {
         return usage != null;
     }
 
-    /** Whether any byte has gone through yet. */
-    public boolean firstByteSeen() {
-        return firstByteSeen;
-    }
-
     /**
      * Processes one buffer of the body and returns what to send to the client now (the same buffer when nothing
      * needs rewriting). Consumes (releases) the input buffer when it returns a different one.
      */
     public List<DataBuffer> onBuffer(DataBuffer buffer, DataBufferFactory factory) {
-        firstByteSeen = true;
         if (!sse) {
             if (passthrough) {
                 return List.of(buffer);
@@ -200,7 +191,7 @@ public class UsageTap {
         }
         JsonNode node;
         try {
-            node = JSON.readTree(payload);
+            node = json.readTree(payload);
         } catch (Exception e) {
             return true;
         }
@@ -220,7 +211,7 @@ public class UsageTap {
             return;
         }
         try {
-            JsonNode u = JSON.readTree(body).get("usage");
+            JsonNode u = json.readTree(body).get("usage");
             if (u != null && u.isObject()) {
                 usage = toUsage(u);
             }
@@ -248,18 +239,6 @@ public class UsageTap {
         byte[] out = new byte[a.length + b.length];
         System.arraycopy(a, 0, out, 0, a.length);
         System.arraycopy(b, 0, out, a.length, b.length);
-        return out;
-    }
-
-    /** Convenience for tests: runs whole strings through a tap. */
-    public static List<String> run(UsageTap tap, List<String> chunks, DataBufferFactory factory,
-                                   Function<DataBuffer, String> text) {
-        List<String> out = new ArrayList<>();
-        for (String chunk : chunks) {
-            tap.onBuffer(factory.wrap(chunk.getBytes(StandardCharsets.UTF_8)), factory)
-                    .forEach(b -> out.add(text.apply(b)));
-        }
-        tap.onComplete(factory).forEach(b -> out.add(text.apply(b)));
         return out;
     }
 }

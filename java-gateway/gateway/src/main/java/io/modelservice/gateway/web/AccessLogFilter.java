@@ -23,7 +23,7 @@ public class AccessLogFilter implements WebFilter, Ordered {
 
     @Override
     public int getOrder() {
-        return Ordered.HIGHEST_PRECEDENCE;
+        return EdgeOrder.ACCESS_LOG;
     }
 
     @Override

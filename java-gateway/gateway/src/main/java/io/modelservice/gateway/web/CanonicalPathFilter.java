@@ -17,17 +17,15 @@ import reactor.core.publisher.Mono;
 @Component
 public class CanonicalPathFilter implements WebFilter, Ordered {
 
-    public static final int ORDER = Ordered.HIGHEST_PRECEDENCE + 50;
+    private final OpenAiErrors errors;
 
-    private final GatewayMetrics metrics;
-
-    public CanonicalPathFilter(GatewayMetrics metrics) {
-        this.metrics = metrics;
+    public CanonicalPathFilter(OpenAiErrors errors) {
+        this.errors = errors;
     }
 
     @Override
     public int getOrder() {
-        return ORDER;
+        return EdgeOrder.CANONICAL_PATH;
     }
 
     @Override
@@ -36,9 +34,9 @@ public class CanonicalPathFilter implements WebFilter, Ordered {
         if (isCanonical(raw)) {
             return chain.filter(exchange);
         }
-        metrics.rejected("invalid_path");
-        return OpenAiErrors.write(exchange, OpenAiErrors.badRequest(
-                "The request path must not contain %-escapes, ';', '\\\\', empty or dot segments.", "invalid_path"));
+        return errors.reject(exchange, OpenAiErrors.badRequest(
+                "The request path must not contain %-escapes, ';', '\\\\', empty or dot segments.", "invalid_path"),
+                "invalid_path");
     }
 
     /** Whether the raw path equals its normal form (decoded, parameters stripped, slashes and dots resolved). */

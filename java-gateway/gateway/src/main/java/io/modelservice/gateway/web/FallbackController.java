@@ -14,7 +14,13 @@ import reactor.core.publisher.Mono;
 @RestController
 public class FallbackController {
 
-    @RequestMapping(EdgeFilter.INTERNAL_PREFIX + "fallback/{routeId}")
+    private final OpenAiErrors errors;
+
+    public FallbackController(OpenAiErrors errors) {
+        this.errors = errors;
+    }
+
+    @RequestMapping(InternalPathFilter.INTERNAL_PREFIX + "fallback/{routeId}")
     public Mono<Void> fallback(@PathVariable String routeId, ServerWebExchange exchange) {
         Throwable cause = exchange.getAttribute(ServerWebExchangeUtils.CIRCUITBREAKER_EXECUTION_EXCEPTION_ATTR);
         OpenAiErrors.ApiError error = cause == null
@@ -24,6 +30,6 @@ public class FallbackController {
             error = OpenAiErrors.unavailable("The model service is unavailable. Please retry later.", 5);
         }
         exchange.getAttributes().put(GatewayAttributes.FALLBACK_ROUTE, routeId);
-        return OpenAiErrors.write(exchange, error);
+        return errors.write(exchange, error);
     }
 }

@@ -9,6 +9,14 @@ public final class GatewayAttributes {
     public static final String STREAM = P + "stream";
     /** The request body as forwarded (bytes), for fallbacks that rewrite it. */
     public static final String BODY = P + "body";
+    /** The size of the request body as the client sent it (int), for the prompt estimate. */
+    public static final String BODY_SIZE = P + "bodySize";
+    /** The request's own completion cap (long: max_completion_tokens, else max_tokens); absent if it set none. */
+    public static final String MAX_COMPLETION_TOKENS = P + "maxCompletionTokens";
+    /** Whether the gateway asked upstream for the stream's usage chunk, which the client had not (boolean). */
+    public static final String STREAM_USAGE_INJECTED = P + "streamUsageInjected";
+    /** The {@link TokenReservation} an admitted request holds in its caller's budget. */
+    public static final String RESERVATION = P + "reservation";
     /** The path the client asked for (before any internal forward). */
     public static final String ORIGINAL_PATH = P + "originalPath";
     public static final String USAGE = P + "usage";

@@ -25,12 +25,18 @@ public class OpenAiErrorHandler implements ErrorWebExceptionHandler {
 
     private static final Logger log = LoggerFactory.getLogger(OpenAiErrorHandler.class);
 
+    private final OpenAiErrors errors;
+
+    public OpenAiErrorHandler(OpenAiErrors errors) {
+        this.errors = errors;
+    }
+
     @Override
     public Mono<Void> handle(ServerWebExchange exchange, Throwable ex) {
         if (exchange.getResponse().isCommitted()) {
             return Mono.error(ex);
         }
-        return OpenAiErrors.write(exchange, toApiError(exchange, ex));
+        return errors.write(exchange, toApiError(exchange, ex));
     }
 
     /** The OpenAI-shaped answer for an exception (also used by the circuit breaker fallback). */

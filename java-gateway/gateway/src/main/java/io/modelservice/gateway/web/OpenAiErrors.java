@@ -11,15 +11,23 @@ import org.springframework.http.HttpStatusCode;
 import org.springframework.http.MediaType;
 import org.springframework.http.server.reactive.ServerHttpResponse;
 import org.springframework.http.server.reactive.ServerHttpResponseDecorator;
+import org.springframework.stereotype.Component;
 import org.springframework.web.server.ServerWebExchange;
 import reactor.core.publisher.Mono;
 
-/** Errors in OpenAI's shape: {@code {"error": {"message", "type", "param", "code"}}}. */
+/**
+ * Errors in OpenAI's shape: {@code {"error": {"message", "type", "param", "code"}}}. The static factories name the
+ * errors; the bean writes them (with the application's {@link ObjectMapper}) and counts the edge's refusals.
+ */
+@Component
 public final class OpenAiErrors {
 
-    private static final ObjectMapper JSON = new ObjectMapper();
+    private final ObjectMapper json;
+    private final GatewayMetrics metrics;
 
-    private OpenAiErrors() {
+    public OpenAiErrors(ObjectMapper json, GatewayMetrics metrics) {
+        this.json = json;
+        this.metrics = metrics;
     }
 
     /** One error answer: status, the body fields, and an optional Retry-After (seconds, 0 = none). */
@@ -31,20 +39,6 @@ public final class OpenAiErrors {
 
         public ApiError retryAfter(long seconds) {
             return new ApiError(status, message, type, param, code, seconds);
-        }
-
-        public byte[] body() {
-            Map<String, Object> error = new LinkedHashMap<>();
-            error.put("message", message);
-            error.put("type", type);
-            error.put("param", param);
-            error.put("code", code);
-            try {
-                return JSON.writeValueAsBytes(Map.of("error", error));
-            } catch (JsonProcessingException e) {
-                return ("{\"error\":{\"message\":\"internal error\",\"type\":\"server_error\",\"param\":null,"
-                        + "\"code\":\"internal_error\"}}").getBytes(StandardCharsets.UTF_8);
-            }
         }
     }
 
@@ -82,8 +76,29 @@ public final class OpenAiErrors {
                 && !exchange.getResponse().isCommitted();
     }
 
+    /** The error's JSON body. */
+    public byte[] body(ApiError error) {
+        Map<String, Object> fields = new LinkedHashMap<>();
+        fields.put("message", error.message());
+        fields.put("type", error.type());
+        fields.put("param", error.param());
+        fields.put("code", error.code());
+        try {
+            return json.writeValueAsBytes(Map.of("error", fields));
+        } catch (JsonProcessingException e) {
+            return ("{\"error\":{\"message\":\"internal error\",\"type\":\"server_error\",\"param\":null,"
+                    + "\"code\":\"internal_error\"}}").getBytes(StandardCharsets.UTF_8);
+        }
+    }
+
+    /** Refuses the request at the edge: counts it ({@code llm_gateway_rejected_total{reason}}) and writes the error. */
+    public Mono<Void> reject(ServerWebExchange exchange, ApiError error, String reason) {
+        metrics.rejected(reason);
+        return write(exchange, error);
+    }
+
     /** Writes the error as the whole response (if nothing was sent yet). */
-    public static Mono<Void> write(ServerWebExchange exchange, ApiError error) {
+    public Mono<Void> write(ServerWebExchange exchange, ApiError error) {
         ServerHttpResponse response = exchange.getResponse();
         if (response.isCommitted()) {
             return Mono.empty();
@@ -103,7 +118,7 @@ public final class OpenAiErrors {
         if (error.retryAfterSeconds() > 0) {
             response.getHeaders().set("Retry-After", Long.toString(error.retryAfterSeconds()));
         }
-        byte[] body = error.body();
+        byte[] body = body(error);
         response.getHeaders().setContentLength(body.length);
         DataBuffer buffer = response.bufferFactory().wrap(body);
         return response.writeWith(Mono.just(buffer));

@@ -5,6 +5,7 @@ import java.time.Duration;
 import java.util.List;
 import java.util.concurrent.TimeoutException;
 
+import com.fasterxml.jackson.databind.ObjectMapper;
 import io.modelservice.gateway.usage.UsageTap;
 import org.reactivestreams.Publisher;
 import org.springframework.core.io.buffer.DataBuffer;
@@ -25,10 +26,14 @@ final class UsageSettlingResponse extends ServerHttpResponseDecorator {
     private final TokenReservation reservation;
     private final boolean injectedUsage;
     private final Duration streamIdleTimeout;
+    private final OpenAiErrors errors;
+    private final ObjectMapper json;
 
     UsageSettlingResponse(ServerHttpResponse response, TokenReservation reservation, boolean injectedUsage,
-                          Duration streamIdleTimeout) {
+                          Duration streamIdleTimeout, OpenAiErrors errors, ObjectMapper json) {
         super(response);
+        this.errors = errors;
+        this.json = json;
         this.reservation = reservation;
         this.injectedUsage = injectedUsage;
         this.streamIdleTimeout = streamIdleTimeout;
@@ -67,16 +72,16 @@ final class UsageSettlingResponse extends ServerHttpResponseDecorator {
 
     private Flux<DataBuffer> tap(Flux<? extends DataBuffer> body) {
         boolean sse = isSse();
-        UsageTap tap = new UsageTap(sse, sse && injectedUsage);
+        UsageTap tap = new UsageTap(sse, sse && injectedUsage, json);
         reservation.attach(tap);
         ServerHttpResponse delegate = getDelegate();
         Flux<DataBuffer> source = Flux.from(body).map(b -> (DataBuffer) b);
         if (sse) {
             source = source.timeout(streamIdleTimeout)
                     .onErrorResume(TimeoutException.class, e -> Flux.just(delegate.bufferFactory().wrap((
-                            "data: " + new String(OpenAiErrors.ApiError.of(504, "The model stopped sending for "
-                                    + streamIdleTimeout.toSeconds() + "s.", "timeout_error",
-                                    "stream_idle_timeout").body(), StandardCharsets.UTF_8)
+                            "data: " + new String(errors.body(OpenAiErrors.ApiError.of(504,
+                                    "The model stopped sending for " + streamIdleTimeout.toSeconds() + "s.",
+                                    "timeout_error", "stream_idle_timeout")), StandardCharsets.UTF_8)
                                     + "\n\n").getBytes(StandardCharsets.UTF_8))));
         }
         // Settle as soon as the real usage is known, before the bytes that follow it (a stream's [DONE], a held JSON

@@ -5,7 +5,9 @@ import java.security.KeyPairGenerator;
 import java.security.interfaces.RSAPrivateKey;
 import java.util.Base64;
 import java.util.Date;
+import java.util.HashMap;
 import java.util.List;
+import java.util.Map;
 
 import com.nimbusds.jose.JWSAlgorithm;
 import com.nimbusds.jose.JWSHeader;
@@ -13,6 +15,7 @@ import com.nimbusds.jose.crypto.MACSigner;
 import com.nimbusds.jose.crypto.RSASSASigner;
 import com.nimbusds.jwt.JWTClaimsSet;
 import com.nimbusds.jwt.SignedJWT;
+import io.modelservice.gateway.config.BoundProperties;
 import io.modelservice.gateway.config.GatewayProperties;
 import org.junit.jupiter.api.Test;
 
@@ -23,16 +26,18 @@ class AuthenticatorTest {
 
     static final String SECRET = "0123456789abcdef0123456789abcdef-hs256-test-secret";
 
-    static GatewayProperties properties() {
-        GatewayProperties p = new GatewayProperties();
-        GatewayProperties.ApiKey alice = new GatewayProperties.ApiKey();
-        alice.setName("alice");
-        alice.setSha256(Authenticator.sha256Hex("sk-alice"));
-        alice.setModels(List.of("smollm2-135m-instruct"));
-        alice.setRequestsPerMinute(5);
-        alice.setTokensPerMinute(100);
-        p.setApiKeys(List.of(alice));
+    static Map<String, Object> aliceKey() {
+        Map<String, Object> p = new HashMap<>();
+        p.put("api-keys[0].name", "alice");
+        p.put("api-keys[0].sha256", Authenticator.sha256Hex("sk-alice"));
+        p.put("api-keys[0].models", List.of("smollm2-135m-instruct"));
+        p.put("api-keys[0].requests-per-minute", 5);
+        p.put("api-keys[0].tokens-per-minute", 100);
         return p;
+    }
+
+    static GatewayProperties properties() {
+        return BoundProperties.of(aliceKey());
     }
 
     @Test
@@ -79,15 +84,15 @@ class AuthenticatorTest {
     }
 
     private static GatewayProperties withJwt(String rsaPem) {
-        GatewayProperties p = properties();
-        p.getJwt().setEnabled(true);
-        p.getJwt().setHmacSecret(SECRET);
-        p.getJwt().setRsaPublicKey(rsaPem == null ? "" : rsaPem);
-        p.getJwt().setIssuer("https://idp.example");
-        p.getJwt().setAudience("llm-gateway");
-        p.getJwt().setRequestsPerMinute(7);
-        p.getJwt().setTokensPerMinute(700);
-        return p;
+        Map<String, Object> p = aliceKey();
+        p.put("jwt.enabled", true);
+        p.put("jwt.hmac-secret", SECRET);
+        p.put("jwt.rsa-public-key", rsaPem == null ? "" : rsaPem);
+        p.put("jwt.issuer", "https://idp.example");
+        p.put("jwt.audience", "llm-gateway");
+        p.put("jwt.requests-per-minute", 7);
+        p.put("jwt.tokens-per-minute", 700);
+        return BoundProperties.of(p);
     }
 
     private static JWTClaimsSet.Builder claims(long expiresInSeconds) {

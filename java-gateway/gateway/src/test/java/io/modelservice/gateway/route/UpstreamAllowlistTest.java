@@ -1,8 +1,10 @@
 package io.modelservice.gateway.route;
 
 import java.util.List;
+import java.util.Map;
 
 import io.micrometer.core.instrument.simple.SimpleMeterRegistry;
+import io.modelservice.gateway.config.BoundProperties;
 import io.modelservice.gateway.config.GatewayProperties;
 import org.junit.jupiter.api.Test;
 
@@ -12,14 +14,13 @@ import static org.assertj.core.api.Assertions.assertThatThrownBy;
 class UpstreamAllowlistTest {
 
     static UpstreamAllowlist allowing(String... cidrs) {
-        GatewayProperties properties = new GatewayProperties();
-        properties.getUpstream().setAllowedNetworks(List.of(cidrs));
+        GatewayProperties properties = BoundProperties.of(Map.of("upstream.allowed-networks", List.of(cidrs)));
         return new UpstreamAllowlist(properties, new SimpleMeterRegistry());
     }
 
     @Test
     void theDefaultIsLoopbackOnly() {
-        UpstreamAllowlist loopback = new UpstreamAllowlist(new GatewayProperties(), new SimpleMeterRegistry());
+        UpstreamAllowlist loopback = new UpstreamAllowlist(BoundProperties.defaults(), new SimpleMeterRegistry());
         assertThat(loopback.allowed("127.0.0.1")).isTrue();
         assertThat(loopback.allowed("127.0.0.2")).isTrue();
         assertThat(loopback.allowed("::1")).isTrue();
@@ -62,7 +63,7 @@ class UpstreamAllowlistTest {
     @Test
     void countsEachRefusal() {
         SimpleMeterRegistry registry = new SimpleMeterRegistry();
-        GatewayProperties properties = new GatewayProperties();
+        GatewayProperties properties = BoundProperties.defaults();
         UpstreamAllowlist allowlist = new UpstreamAllowlist(properties, registry);
         assertThat(allowlist.admits("10.0.0.9", 8000)).isFalse();
         assertThat(allowlist.admits("10.0.0.9", 8000)).isFalse();

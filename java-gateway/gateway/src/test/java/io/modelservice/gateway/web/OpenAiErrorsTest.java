@@ -3,6 +3,7 @@ package io.modelservice.gateway.web;
 import java.util.Map;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
+import io.micrometer.core.instrument.simple.SimpleMeterRegistry;
 import org.junit.jupiter.api.Test;
 import org.springframework.mock.http.server.reactive.MockServerHttpRequest;
 import org.springframework.mock.web.server.MockServerWebExchange;
@@ -11,10 +12,12 @@ import static org.assertj.core.api.Assertions.assertThat;
 
 class OpenAiErrorsTest {
 
+    final OpenAiErrors errors = new OpenAiErrors(new ObjectMapper(), new GatewayMetrics(new SimpleMeterRegistry()));
+
     @Test
     @SuppressWarnings("unchecked")
     void hasOpenAisShapeWithAllFourFields() throws Exception {
-        byte[] body = OpenAiErrors.unauthorized("Incorrect API key provided.").body();
+        byte[] body = errors.body(OpenAiErrors.unauthorized("Incorrect API key provided."));
         Map<String, Object> parsed = new ObjectMapper().readValue(body, Map.class);
         Map<String, Object> error = (Map<String, Object>) parsed.get("error");
         assertThat(parsed).containsOnlyKeys("error");
@@ -26,7 +29,7 @@ class OpenAiErrorsTest {
     @Test
     void writesStatusHeadersAndBody() {
         MockServerWebExchange exchange = MockServerWebExchange.from(MockServerHttpRequest.post("/v1/chat/completions"));
-        OpenAiErrors.write(exchange, new OpenAiErrors.ApiError(429, "slow down", "tokens", null,
+        errors.write(exchange, new OpenAiErrors.ApiError(429, "slow down", "tokens", null,
                 "rate_limit_exceeded", 12)).block();
         assertThat(exchange.getResponse().getStatusCode().value()).isEqualTo(429);
         assertThat(exchange.getResponse().getHeaders().getFirst("Retry-After")).isEqualTo("12");
@@ -39,7 +42,7 @@ class OpenAiErrorsTest {
     @Test
     void unauthorizedAsksForBearer() {
         MockServerWebExchange exchange = MockServerWebExchange.from(MockServerHttpRequest.get("/v1/models"));
-        OpenAiErrors.write(exchange, OpenAiErrors.unauthorized("no key")).block();
+        errors.write(exchange, OpenAiErrors.unauthorized("no key")).block();
         assertThat(exchange.getResponse().getHeaders().getFirst("WWW-Authenticate")).isEqualTo("Bearer");
     }
 }
