@@ -21,7 +21,7 @@ public interface CallerBudgets {
     /** Takes one request and reserves {@code reservedTokens} if both budgets allow it; refuses otherwise. */
     Decision admit(Caller caller, long reservedTokens);
 
-    /** {@link #admit} without blocking the caller's thread (the edge filter runs on an event loop); a remote store
+    /** {@link #admit} without blocking the caller's thread (admission runs on an event loop); a remote store
      *  overrides it. An error (the store is down and the gateway fails closed) refuses the request. */
     default Mono<Decision> admitAsync(Caller caller, long reservedTokens) {
         return Mono.fromSupplier(() -> admit(caller, reservedTokens));

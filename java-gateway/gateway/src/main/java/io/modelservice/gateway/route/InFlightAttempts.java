@@ -3,6 +3,7 @@ package io.modelservice.gateway.route;
 import java.util.List;
 import java.util.concurrent.CopyOnWriteArrayList;
 
+import io.modelservice.gateway.web.EdgeOrder;
 import org.springframework.cloud.client.ServiceInstance;
 import org.springframework.cloud.client.loadbalancer.Response;
 import org.springframework.cloud.gateway.filter.GatewayFilterChain;
@@ -59,7 +60,7 @@ public class InFlightAttempts implements GlobalFilter, Ordered {
 
         @Override
         public int getOrder() {
-            return Ordered.HIGHEST_PRECEDENCE + 10;
+            return EdgeOrder.ATTEMPTS_END;
         }
 
         @Override
