@@ -59,11 +59,23 @@ public class RedisCallerBudgets implements CallerBudgets, DisposableBean {
                 .description("1 while the shared budget store (Redis) answers, 0 while the gateway decides without it "
                         + "(llm-gateway.budgets.when-redis-down)")
                 .tag("store", "redis").register(meters);
-        // the first ping at once: it opens the connection before the first request needs it
-        this.prober = Flux.interval(Duration.ZERO, properties.probeInterval(), Schedulers.boundedElastic())
+        warmUp();
+        this.prober = Flux.interval(properties.probeInterval(), Schedulers.boundedElastic())
                 .onBackpressureDrop()
                 .concatMap(tick -> ping(), 1)
                 .subscribe();
+    }
+
+    /** At start-up, off any request: opens the connection and runs the script once (with no limit it changes
+     *  nothing), so that a cold start is not mistaken for an outage; Redis down now is logged as one. */
+    private void warmUp() {
+        Caller nobody = new Caller("warm-up", "gateway", java.util.Set.of(), 0, 0);
+        Duration patience = properties.redisTimeout().multipliedBy(10);
+        try {
+            redis.execute(SCRIPT, keys(nobody), List.of("admit", "0", "0", "0")).next().block(patience);
+        } catch (RuntimeException e) {
+            markDown(e);
+        }
     }
 
     /** Whether Redis answered its last operation or ping. */
