@@ -11,6 +11,7 @@ import org.springframework.cloud.gateway.filter.GlobalFilter;
 import org.springframework.cloud.gateway.filter.ReactiveLoadBalancerClientFilter;
 import org.springframework.cloud.gateway.support.ServerWebExchangeUtils;
 import org.springframework.core.Ordered;
+import org.springframework.http.HttpMethod;
 import org.springframework.stereotype.Component;
 import org.springframework.web.server.ServerWebExchange;
 import org.springframework.web.server.WebFilter;
@@ -44,7 +45,9 @@ public class InFlightAttempts implements GlobalFilter, Ordered {
         Response<ServiceInstance> chosen =
                 exchange.getAttribute(ServerWebExchangeUtils.GATEWAY_LOADBALANCER_RESPONSE_ATTR);
         List<Runnable> endings = exchange.getAttribute(ENDINGS);
-        if (chosen == null || !chosen.hasServer() || endings == null) {
+        // only generation requests (POST) take a place in a pod's batch and show in its numbers
+        if (chosen == null || !chosen.hasServer() || endings == null
+                || exchange.getRequest().getMethod() != HttpMethod.POST) {
             return chain.filter(exchange);
         }
         PodLoads.Attempt attempt = loads.started(chosen.getServer());

@@ -7,6 +7,7 @@ import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.function.LongSupplier;
 
 import io.micrometer.core.instrument.Counter;
@@ -39,7 +40,9 @@ import reactor.netty.resources.ConnectionProvider;
  *   <li>this gateway's attempts in flight to each pod, from the moment it is picked until its answer ends; those
  *   started since the last scrape are added to the pod's numbers (which cannot show them yet).</li>
  * </ul>
- * Score = running + waiting + attempts started since the scrape. An instance without fresh numbers (its metrics do
+ * Score = running + waiting (less this gateway's attempts that have ended since the scrape) + its attempts started
+ * since the scrape and still in flight. Only requests that take a place in a pod's batch count (POST: chat and
+ * completions), not {@code GET /v1/models}. An instance without fresh numbers (its metrics do
  * not answer) stays routable: it is scored as the mean of the fresh ones plus its own attempts in flight. With no
  * fresh numbers at all the choice is round robin, as before. Pods whose batch and queue are full (score &ge; their
  * registered max_running_requests + max_waiting_requests) are skipped unless all are.
@@ -83,8 +86,18 @@ public class PodLoads implements DisposableBean {
     }
 
     // ------------------------------------------------------------------------------------------- what is known
-    /** One pod's numbers, as scraped: taken when the scrape started. */
-    record Sample(double running, double waiting, long startedNanos) {
+    /** One pod's numbers, as scraped (taken when the scrape started), and how many of this gateway's attempts that
+     *  they included have ended since. */
+    record Sample(double running, double waiting, long startedNanos, AtomicInteger endedSince) {
+
+        Sample(double running, double waiting, long startedNanos) {
+            this(running, waiting, startedNanos, new AtomicInteger());
+        }
+
+        /** The pod's numbers now, as far as this gateway knows: without its attempts that have ended since. */
+        double queue() {
+            return Math.max(0, running + waiting - endedSince.get());
+        }
     }
 
     /** One attempt in flight to a pod (identity matters: two attempts may start in the same nanosecond). */
@@ -148,7 +161,7 @@ public class PodLoads implements DisposableBean {
         pod.gauges.add(gauge("in_flight", pod, p -> p.inFlight.size(), description));
         pod.gauges.add(gauge("score", pod, p -> {
             Sample s = p.sample;
-            return fresh(s) ? s.running() + s.waiting() + p.startedSince(s.startedNanos()) : Double.NaN;
+            return fresh(s) ? s.queue() + p.startedSince(s.startedNanos()) : Double.NaN;
         }, description));
         return pod;
     }
@@ -182,6 +195,10 @@ public class PodLoads implements DisposableBean {
     public void ended(Attempt attempt) {
         if (attempt.ended.compareAndSet(false, true)) {
             attempt.pod.inFlight.remove(attempt);
+            Sample s = attempt.pod.sample;
+            if (s != null && s.startedNanos() - attempt.startedNanos > 0) {
+                s.endedSince().incrementAndGet();  // the pod's numbers still count it until the next scrape
+            }
         }
     }
 
@@ -207,7 +224,7 @@ public class PodLoads implements DisposableBean {
             Sample s = pod == null ? null : pod.sample;
             if (fresh(s)) {
                 isFresh[i] = true;
-                score[i] = s.running() + s.waiting() + pod.startedSince(s.startedNanos());
+                score[i] = s.queue() + pod.startedSince(s.startedNanos());
                 freshSum += score[i];
                 freshCount++;
             }

@@ -106,6 +106,19 @@ class PodLoadsTest {
     }
 
     @Test
+    void attemptsThatEndedSinceTheScrapeNoLongerCount() {
+        PodLoads.Attempt stream = loads.started(a);    // a stream this gateway sent to a, running at the scrape
+        now.addAndGet(10 * MS);
+        sample(a, 1, 0);
+        sample(b, 0, 0);
+        assertThat(pick(List.of(a, b), 0)).isEqualTo(b);
+        assertThat(pick(List.of(a, b), 1)).isEqualTo(b);
+        loads.ended(stream);                           // it ended after the scrape: a is idle as far as we know
+        assertThat(pick(List.of(a, b), 0)).isEqualTo(a);
+        assertThat(pick(List.of(a, b), 1)).isEqualTo(b);
+    }
+
+    @Test
     void roundRobinWhileNoNumbersAreFresh() {
         assertThat(pick(List.of(a, b), 0)).isEqualTo(a);
         assertThat(pick(List.of(a, b), 1)).isEqualTo(b);
