@@ -49,10 +49,11 @@ public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer 
     public Mono<Response<ServiceInstance>> choose(Request request) {
         ServiceInstanceListSupplier supplier = suppliers.getIfAvailable(NoopServiceInstanceListSupplier::new);
         Set<?> tried = triedInstances(request);
-        return supplier.get(request).next().map(instances -> pick(instances, tried));
+        boolean generation = isGeneration(request);
+        return supplier.get(request).next().map(instances -> pick(instances, tried, generation));
     }
 
-    Response<ServiceInstance> pick(List<ServiceInstance> instances, Set<?> tried) {
+    Response<ServiceInstance> pick(List<ServiceInstance> instances, Set<?> tried, boolean generation) {
         List<ServiceInstance> allowed = new ArrayList<>();
         List<ServiceInstance> admitted = new ArrayList<>();
         for (ServiceInstance instance : instances) {
@@ -74,7 +75,17 @@ public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer 
             }
         }
         List<ServiceInstance> candidates = fresh.isEmpty() ? admitted : fresh;
-        return new DefaultResponse(candidates.get(loads.choose(candidates, position.getAndIncrement()).index()));
+        int turn = position.getAndIncrement();
+        // only generation requests take a place in a pod's batch; the rest (GET /v1/models) go round robin
+        int index = generation ? loads.choose(candidates, turn).index() : Math.floorMod(turn, candidates.size());
+        return new DefaultResponse(candidates.get(index));
+    }
+
+    /** A POST (chat, completions): the requests that wait in a pod's queue. */
+    private static boolean isGeneration(Request request) {
+        return request != null && request.getContext() instanceof RequestDataContext context
+                && context.getClientRequest() != null
+                && context.getClientRequest().getHttpMethod() == org.springframework.http.HttpMethod.POST;
     }
 
     private static Set<?> triedInstances(Request request) {
