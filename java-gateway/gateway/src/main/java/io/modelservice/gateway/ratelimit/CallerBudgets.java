@@ -1,6 +1,7 @@
 package io.modelservice.gateway.ratelimit;
 
 import io.modelservice.gateway.auth.Caller;
+import reactor.core.publisher.Mono;
 
 /**
  * Per-caller budgets: requests per minute (one taken on admission) and LLM tokens per minute, charged in two steps
@@ -12,13 +13,19 @@ import io.modelservice.gateway.auth.Caller;
  *   <li>{@link #settle}: when the answer ends, the reservation is replaced by what was really used (the difference
  *   is returned or taken). A client that leaves is still charged its prompt.</li>
  * </ol>
- * In-memory by default ({@link InMemoryCallerBudgets}); a shared implementation (Redis: one Lua script for the
- * check-and-reserve, one increment for the settlement) must keep these semantics across gateway replicas.
+ * In-memory by default ({@link InMemoryCallerBudgets}); {@link RedisCallerBudgets} keeps these semantics across
+ * gateway replicas ({@code llm-gateway.budgets.store=redis}).
  */
 public interface CallerBudgets {
 
     /** Takes one request and reserves {@code reservedTokens} if both budgets allow it; refuses otherwise. */
     Decision admit(Caller caller, long reservedTokens);
+
+    /** {@link #admit} without blocking the caller's thread (admission runs on an event loop); a remote store
+     *  overrides it. An error (the store is down and the gateway fails closed) refuses the request. */
+    default Mono<Decision> admitAsync(Caller caller, long reservedTokens) {
+        return Mono.fromSupplier(() -> admit(caller, reservedTokens));
+    }
 
     /** Replaces an admitted request's reservation by the tokens it really used. */
     void settle(Caller caller, long reservedTokens, long usedTokens);

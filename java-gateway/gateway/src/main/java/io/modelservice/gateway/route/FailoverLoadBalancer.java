@@ -21,9 +21,11 @@ import org.springframework.cloud.loadbalancer.core.ServiceInstanceListSupplier;
 import reactor.core.publisher.Mono;
 
 /**
- * Round robin over the healthy instances Nacos lists, that (1) ignores instances outside the allowed networks
- * (anyone who can write to Nacos can register one), (2) skips instances whose circuit breaker is open and
- * (3) on a retry prefers an instance this request has not tried yet, so a retry goes to another pod.
+ * Picks among the healthy instances Nacos lists, after (1) ignoring instances outside the allowed networks
+ * (anyone who can write to Nacos can register one), (2) skipping instances whose circuit breaker is open and
+ * (3) on a retry preferring an instance this request has not tried yet, so a retry goes to another pod; then the
+ * least loaded of those ({@link PodLoads}: the pods' own queue numbers and this gateway's attempts in flight), or
+ * round robin ({@code llm-gateway.load-balancer.strategy}, or while no pod's numbers are fresh).
  */
 public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer {
 
@@ -31,30 +33,38 @@ public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer 
     private final String serviceId;
     private final InstanceBreakers breakers;
     private final UpstreamAllowlist allowlist;
+    private final PodLoads loads;
     private final AtomicInteger position = new AtomicInteger(ThreadLocalRandom.current().nextInt(1000));
 
     public FailoverLoadBalancer(ObjectProvider<ServiceInstanceListSupplier> suppliers, String serviceId,
-                                InstanceBreakers breakers, UpstreamAllowlist allowlist) {
+                                InstanceBreakers breakers, UpstreamAllowlist allowlist, PodLoads loads) {
         this.suppliers = suppliers;
         this.serviceId = serviceId;
         this.breakers = breakers;
         this.allowlist = allowlist;
+        this.loads = loads;
     }
 
     @Override
     public Mono<Response<ServiceInstance>> choose(Request request) {
         ServiceInstanceListSupplier supplier = suppliers.getIfAvailable(NoopServiceInstanceListSupplier::new);
         Set<?> tried = triedInstances(request);
-        return supplier.get(request).next().map(instances -> pick(instances, tried));
+        boolean generation = isGeneration(request);
+        return supplier.get(request).next().map(instances -> pick(instances, tried, generation));
     }
 
-    Response<ServiceInstance> pick(List<ServiceInstance> instances, Set<?> tried) {
+    Response<ServiceInstance> pick(List<ServiceInstance> instances, Set<?> tried, boolean generation) {
+        List<ServiceInstance> allowed = new ArrayList<>();
         List<ServiceInstance> admitted = new ArrayList<>();
         for (ServiceInstance instance : instances) {
-            if (allowlist.admits(instance) && breakers.admits(instance)) {
-                admitted.add(instance);
+            if (allowlist.admits(instance)) {
+                allowed.add(instance);
+                if (breakers.admits(instance)) {
+                    admitted.add(instance);
+                }
             }
         }
+        loads.listed(allowed);  // scraped from now on: never an instance outside the allowed networks
         if (admitted.isEmpty()) {
             return new EmptyResponse();
         }
@@ -65,8 +75,17 @@ public class FailoverLoadBalancer implements ReactorServiceInstanceLoadBalancer 
             }
         }
         List<ServiceInstance> candidates = fresh.isEmpty() ? admitted : fresh;
-        int index = Math.floorMod(position.getAndIncrement(), candidates.size());
+        int turn = position.getAndIncrement();
+        // only generation requests take a place in a pod's batch; the rest (GET /v1/models) go round robin
+        int index = generation ? loads.choose(candidates, turn).index() : Math.floorMod(turn, candidates.size());
         return new DefaultResponse(candidates.get(index));
+    }
+
+    /** A POST (chat, completions): the requests that wait in a pod's queue. */
+    private static boolean isGeneration(Request request) {
+        return request != null && request.getContext() instanceof RequestDataContext context
+                && context.getClientRequest() != null
+                && context.getClientRequest().getHttpMethod() == org.springframework.http.HttpMethod.POST;
     }
 
     private static Set<?> triedInstances(Request request) {

@@ -17,9 +17,10 @@ public class FailoverLoadBalancerConfiguration {
     public ReactorLoadBalancer<ServiceInstance> failoverLoadBalancer(Environment environment,
                                                                      LoadBalancerClientFactory factory,
                                                                      InstanceBreakers breakers,
-                                                                     UpstreamAllowlist allowlist) {
+                                                                     UpstreamAllowlist allowlist,
+                                                                     PodLoads loads) {
         String name = environment.getProperty(LoadBalancerClientFactory.PROPERTY_NAME);
         return new FailoverLoadBalancer(factory.getLazyProvider(name, ServiceInstanceListSupplier.class), name,
-                breakers, allowlist);
+                breakers, allowlist, loads);
     }
 }

@@ -49,7 +49,13 @@ public class BudgetAdmissionFilter implements WebFilter, Ordered {
         Integer bodySize = exchange.getAttribute(GatewayAttributes.BODY_SIZE);
         long promptEstimate = bodySize == null ? 0 : promptEstimate(bodySize);
         long reserved = bodySize == null ? 0 : promptEstimate + completionCap(exchange);
-        CallerBudgets.Decision decision = budgets.admit(caller, reserved);
+        // asynchronous: a shared store (Redis) answers without blocking this event loop
+        return budgets.admitAsync(caller, reserved).flatMap(decision ->
+                forwardIfAdmitted(exchange, chain, caller, promptEstimate, reserved, decision));
+    }
+
+    private Mono<Void> forwardIfAdmitted(ServerWebExchange exchange, WebFilterChain chain, Caller caller,
+                                         long promptEstimate, long reserved, CallerBudgets.Decision decision) {
         if (!decision.allowed()) {
             metrics.rateLimited(caller, decision.limit());
             String message = "Rate limit reached for " + caller.name() + " on " + decision.limit() + " per minute ("

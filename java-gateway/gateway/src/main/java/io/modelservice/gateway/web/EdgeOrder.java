@@ -10,6 +10,9 @@ public final class EdgeOrder {
 
     /** {@link AccessLogFilter}: one line per API request, when its answer has ended. */
     public static final int ACCESS_LOG = Ordered.HIGHEST_PRECEDENCE;
+    /** {@code route.InFlightAttempts.ExchangeEnd}: ends the exchange's attempts on pods (load-aware routing) once its
+     *  answer has ended. */
+    public static final int ATTEMPTS_END = Ordered.HIGHEST_PRECEDENCE + 10;
     /** {@link CanonicalPathFilter}: 400 for a path that is not in its normal form. */
     public static final int CANONICAL_PATH = Ordered.HIGHEST_PRECEDENCE + 50;
     /** {@link InternalPathFilter}: 404 for the internal {@code /__gateway/**} paths. */

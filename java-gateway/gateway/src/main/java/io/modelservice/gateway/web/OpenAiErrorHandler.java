@@ -4,6 +4,7 @@ import java.net.ConnectException;
 import java.util.concurrent.TimeoutException;
 
 import io.github.resilience4j.circuitbreaker.CallNotPermittedException;
+import io.modelservice.gateway.ratelimit.BudgetStoreUnavailableException;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 import org.springframework.boot.web.reactive.error.ErrorWebExceptionHandler;
@@ -43,6 +44,11 @@ public class OpenAiErrorHandler implements ErrorWebExceptionHandler {
         Throwable root = rootCause(ex);
         if (ex instanceof CallNotPermittedException || root instanceof CallNotPermittedException) {
             return OpenAiErrors.unavailable("The model service is unavailable (circuit open). Please retry later.", 10);
+        }
+        if (root instanceof BudgetStoreUnavailableException) {
+            // llm-gateway.budgets.when-redis-down=fail-closed while Redis is unreachable
+            return OpenAiErrors.ApiError.of(503, root.getMessage(), "server_error", "budget_store_unavailable")
+                    .retryAfter(BudgetStoreUnavailableException.RETRY_AFTER_SECONDS);
         }
         if (root instanceof DataBufferLimitException) {
             return OpenAiErrors.ApiError.of(413, "The request body is too large.", "invalid_request_error",
