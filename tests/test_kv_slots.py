@@ -54,8 +54,12 @@ def staggered_run(loaded, jobs, limits: EngineLimits):
                 await asyncio.sleep(delay)
                 return await generate(engine, ids, n)
 
+            # The first max_running_requests arrive at once, so every slot is taken whatever the machine's
+            # speed (a tiny model can finish a request within a 50 ms stagger); the rest join staggered, each
+            # into a slot a finished request left.
+            first = limits.max_running_requests
             together = await asyncio.wait_for(asyncio.gather(
-                *(late(ids, n, 0.05 * i) for i, (ids, n) in enumerate(jobs))), timeout=600)
+                *(late(ids, n, 0 if i < first else 0.05 * i) for i, (ids, n) in enumerate(jobs))), timeout=600)
             return alone, together, slots, engine
         finally:
             engine.shutdown()
