@@ -146,6 +146,14 @@ def test_plain_text_streams_as_content(oai):
     assert len(pieces) >= 2  # streamed as it came, not buffered to the end
 
 
+def test_a_plain_chat_drops_the_empty_metadata_line_as_the_official_chat_does(oai):
+    """GLM-4 opens every answer with a metadata line ("\n" for text); without tools it is not content either."""
+    r = ask(oai, PLAIN, tools=None)
+    assert r.choices[0].message.content == "Hello there!"
+    content, calls, finish, _, _ = ask_streamed(oai, PLAIN, tools=None)
+    assert (content, calls, finish) == ("Hello there!", [], "stop")
+
+
 def test_tool_choice_none_renders_no_tools_and_parses_nothing(oai):
     with_tools, without = ask(oai, ONE_CALL), ask(oai, ONE_CALL, tool_choice="none")
     assert without.usage.prompt_tokens < with_tools.usage.prompt_tokens

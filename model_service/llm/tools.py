@@ -397,7 +397,7 @@ class ChatPrompt:
     """A chat's prompt ids and, when tools are in play, how to read the model's answer."""
 
     ids: list[int]
-    parser: ToolCallParser | None = None  # None: the answer is plain text
+    parser: ToolCallParser | None = None  # None: the answer is passed on as generated (no ChatGLM format)
     turn_token_id: int | None = None  # the "<|assistant|>" id that separates the answer's turns
 
 
@@ -405,9 +405,12 @@ def encode_chat_prompt(tokenizer, family: str | None, architecture: str, message
                        request: ToolRequest | None) -> ChatPrompt:
     """Normalized messages (``chat.normalize_messages``) -> the prompt, in the family's tool format if needed."""
     needs_tools = request is not None and request.active
-    if not needs_tools and not has_tool_turns(messages):
-        return ChatPrompt(encode_chat(tokenizer, messages))
     fmt = tool_format(family)
+    if not needs_tools and not has_tool_turns(messages):
+        ids = encode_chat(tokenizer, messages)
+        # ChatGLM3 and GLM-4 open every answer with a metadata line, empty for text ("\n..."); the official
+        # chat() strips it and the answer's surrounding whitespace, so plain answers go through the parser too.
+        return _read_answer(tokenizer, fmt, ids, None) if fmt else ChatPrompt(ids)
     if fmt is None:
         raise unsupported(architecture)
     if fmt == GLM4:
@@ -430,11 +433,14 @@ def encode_chat_prompt(tokenizer, family: str | None, architecture: str, message
         ids = list(tokenizer(text + prefill(request), add_special_tokens=False)["input_ids"])
     except _ENCODING_ERRORS as exc:  # text the tokenizer cannot take (tool definitions are not checked before)
         raise InvalidRequest(f"the messages or tools cannot be encoded for this model: {exc}", "tools") from None
-    if not needs_tools:
-        return ChatPrompt(ids)
+    return _read_answer(tokenizer, fmt, ids, request if needs_tools else None)
+
+
+def _read_answer(tokenizer, fmt: str, ids: list[int], request: ToolRequest | None) -> ChatPrompt:
+    """The prompt with the parser that reads its answer: calls to ``request``'s tools, or (none) plain text."""
     turn_id = tokenizer.convert_tokens_to_ids(TURN_TOKEN)
-    return ChatPrompt(ids, ToolCallParser(fmt, request.names, request.forced),
-                      turn_id if isinstance(turn_id, int) and turn_id != tokenizer.unk_token_id else None)
+    parser = ToolCallParser(fmt, request.names if request else (), request.forced if request else None)
+    return ChatPrompt(ids, parser, turn_id if isinstance(turn_id, int) and turn_id != tokenizer.unk_token_id else None)
 
 
 @dataclass
