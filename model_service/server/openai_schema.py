@@ -35,13 +35,16 @@ class _SamplingFields(_SamplingParameters):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # typed so a non-object is a 400; only type "text" is served
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first field we cannot honour, else None."""
         if self.n is not None and self.n != 1:
             return "n", "only n=1 is supported; send several requests for several choices"
         extra = self.model_extra or {}
-        if extra.get("logprobs") or extra.get("top_logprobs"):
+        logprobs = extra.get("logprobs")
+        # `is`, not truthiness: the completions API's logprobs=0 asks for the chosen tokens' logprobs
+        if (logprobs is not None and logprobs is not False) or extra.get("top_logprobs"):
             return "logprobs", "logprobs are not supported by this server"
         if extra.get("functions") or extra.get("function_call"):
             return "functions", "'functions' and 'function_call' are deprecated; send 'tools' and 'tool_choice'"
@@ -51,7 +54,7 @@ class _SamplingFields(_SamplingParameters):
             return "best_of", "best_of is not supported by this server"
         if extra.get("echo"):
             return "echo", "echo is not supported by this server"
-        if (extra.get("response_format") or {}).get("type", "text") != "text":
+        if (self.response_format or {}).get("type", "text") != "text":
             return "response_format", "only response_format type 'text' is supported"
         return None
 
