@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -220,15 +221,23 @@ class StreamReader(threading.Thread):
 
 @dataclass
 class Drain:
-    ready: tuple  # /health/ready while draining
-    live: int  # /health/live while draining
-    refused: httpx.Response  # a new chat while draining
+    ready: tuple | Exception  # /health/ready while draining: (status code, "status")
+    live: int | Exception  # /health/live while draining
+    refused: httpx.Response | Exception  # a new chat while draining
     still_running: bool  # the long stream was still open when the checks above were done
     short: StreamReader  # three tokens: finishes inside the drain
     long: StreamReader  # 4000 tokens: still running at the drain timeout
     exit_code: int | None
     exit_s: float  # SIGTERM to exit
     long_sigterm_s: float  # the long stream's start to SIGTERM
+
+
+def _attempt(call):
+    """``call()``, or the transport error it raised (the pod may already be gone): kept for the test to show."""
+    try:
+        return call()
+    except httpx.TransportError as exc:
+        return exc
 
 
 @pytest.fixture(scope="module")
@@ -242,17 +251,19 @@ def drain(lifecycle_pod) -> Drain:
     proc.send_signal(signal.SIGTERM)
     sigterm_at = time.monotonic()
     long_sigterm_s = sigterm_at - long.started_at
-    deadline = sigterm_at + 10
-    while _status(pod.ready())[0] != 503 and time.monotonic() < deadline:
+    ready = None
+    while time.monotonic() < sigterm_at + DRAIN_TIMEOUT_S:  # readiness turns at once; wait for it a little
+        ready = _attempt(lambda: _status(pod.ready()))
+        if not isinstance(ready, tuple) or ready[0] == 503:
+            break
         time.sleep(0.02)
-    ready = _status(pod.ready())
-    live = httpx.get(pod.server.base_url + "/health/live", timeout=5).status_code
-    refused = pod.post(CHAT, {"messages": FRANCE, "max_tokens": 1}, timeout=10)
+    live = _attempt(lambda: httpx.get(pod.server.base_url + "/health/live", timeout=5).status_code)
+    refused = _attempt(lambda: pod.post(CHAT, {"messages": FRANCE, "max_tokens": 1}, timeout=10))
     still_running = long.is_alive()
     try:
         exit_code = proc.wait(DRAIN_TIMEOUT_S + 60)
-    except Exception:  # noqa: BLE001 - reported as no exit code
-        exit_code = None
+    except subprocess.TimeoutExpired:
+        exit_code = None  # still running: the test says so
     exit_s = time.monotonic() - sigterm_at
     short.join(10)
     long.join(10)
@@ -262,11 +273,12 @@ def drain(lifecycle_pod) -> Drain:
 def test_draining_pod_is_not_ready_refuses_new_work_and_finishes_running_requests(drain):
     assert drain.still_running, "the checks below must fall inside the drain"
     assert drain.ready == (503, "draining") and drain.live == 200
+    assert isinstance(drain.refused, httpx.Response), drain.refused
     assert drain.refused.status_code == 503, drain.refused.text
     assert drain.refused.headers["retry-after"] == "5"
     error = drain.refused.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "service_unavailable") and error["message"]
-    # the stream three tokens from its end ran to it during the drain
+    # the three-token stream, two tokens from its end at SIGTERM, ran to its end during the drain
     short = drain.short
     assert short.error is None and short.events[-1] == "[DONE]", (short.error, short.events[-3:])
     assert finish_reasons(short.events) == ["length"]
