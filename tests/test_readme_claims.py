@@ -35,7 +35,8 @@ def sse_events(lines) -> list:
 
 
 def streamed_text(events: list) -> str:
-    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e.get("choices"))
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events
+                   if isinstance(e, dict) and e.get("choices"))
 
 
 def finish_reasons(events: list) -> list:
@@ -61,8 +62,11 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("path,name,value", REFUSED, ids=[f"{p.rsplit('/', 1)[1]}-{n}={json.dumps(v)}"
-                                                          for p, n, v in REFUSED])
+def _refused_id(path: str, name: str, value) -> str:
+    return f"{'chat' if path == CHAT else 'completions'}-{name}={value['type'] if isinstance(value, dict) else value}"
+
+
+@pytest.mark.parametrize("path,name,value", REFUSED, ids=[_refused_id(*case) for case in REFUSED])
 def test_parameters_we_cannot_honour_are_a_400_naming_them(client, path, name, value):
     r = client.post(path, json={**BASES[path], "max_tokens": 1, name: value})
     assert r.status_code == 400, r.text
@@ -271,18 +275,19 @@ def drain(lifecycle_pod) -> Drain:
 
 
 def test_draining_pod_is_not_ready_refuses_new_work_and_finishes_running_requests(drain):
-    assert drain.still_running, "the checks below must fall inside the drain"
-    assert drain.ready == (503, "draining") and drain.live == 200
-    assert isinstance(drain.refused, httpx.Response), drain.refused
-    assert drain.refused.status_code == 503, drain.refused.text
-    assert drain.refused.headers["retry-after"] == "5"
-    error = drain.refused.json()["error"]
-    assert (error["type"], error["code"]) == ("server_error", "service_unavailable") and error["message"]
     # the three-token stream, two tokens from its end at SIGTERM, ran to its end during the drain
     short = drain.short
     assert short.error is None and short.events[-1] == "[DONE]", (short.error, short.events[-3:])
     assert finish_reasons(short.events) == ["length"]
     assert short.events[-2]["usage"]["completion_tokens"] == 3
+    # meanwhile: not ready, alive, new work refused with 503 and Retry-After
+    assert drain.ready == (503, "draining") and drain.live == 200, (drain.ready, drain.live)
+    assert isinstance(drain.refused, httpx.Response), drain.refused
+    assert drain.refused.status_code == 503, drain.refused.text
+    assert drain.refused.headers["retry-after"] == "5"
+    error = drain.refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "service_unavailable") and error["message"]
+    assert drain.still_running, "the checks above were not made during the drain: the long stream had ended"
 
 
 def test_drain_timeout_ends_what_is_left_and_the_process_still_exits_0(drain):
