@@ -167,15 +167,23 @@ def test_token_budget_is_debited_from_real_usage_then_429(gateway):
 
 
 def test_streamed_usage_is_debited_too(gateway):
-    body = chat_body(stream=True, max_tokens=8)
+    # 20 tokens/minute. The padding in `user` (which the pod ignores) raises the gateway's prompt estimate, so the
+    # admission reserves ~110 tokens while the real usage is ~45: settled to the real usage the budget is left at
+    # 20 - usage (about -25, i.e. ~75 s to refill); given back it would be full; kept as reserved or settled from
+    # the estimate, about -90 (~270 s).
+    body = chat_body(stream=True, max_tokens=8, user="p" * 400)
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, headers=auth("tiny-stream"),
                       timeout=120) as r:
         assert r.status_code == 200
         r.read()
-    # the debit happens when the stream ends; give the gateway a moment to record it
-    wait_for(lambda: httpx.post(f"{gateway.url}/v1/chat/completions", json=chat_body(max_tokens=8),
-                                headers=auth("tiny-stream"), timeout=120).status_code == 429,
-             10, message="429 after a streamed answer used up the budget")
+    # GET /v1/models reserves no tokens: it is admitted while the token budget is positive and spends none of it,
+    # so it reads the budget the stream left. The debit happens before the stream's end reaches the client.
+    r = httpx.get(f"{gateway.url}/v1/models", headers=auth("tiny-stream"), timeout=30)
+    error = assert_openai_error(r, 429)
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
+    # Retry-After = the seconds to refill the overdraft at 1 token / 3 s: the real usage (< 60 tokens for a short
+    # question and 8 answer tokens, so < 120 s), not the ~110-token reservation.
+    assert 1 <= int(r.headers["Retry-After"]) <= 3 * (60 - 20), r.headers
 
 
 def test_metrics_and_access_log(gateway):
