@@ -302,6 +302,7 @@ def test_a_silent_stream_ends_with_an_sse_error_event_after_the_idle_timeout(gat
     data = [d for _, d in events]
     assert len(events) == 2, data  # the pod's first chunk, then the gateway's error event: the last one
     assert json.loads(data[0])["choices"][0]["delta"]["content"] == "first words from idle"
+    assert not data[1].startswith("<broken"), f"no error event within {STREAM_IDLE_TIMEOUT_S + 15}s: {data}"
     error = json.loads(data[1])["error"]
     assert error["code"] == "stream_idle_timeout" and error["type"] == "timeout_error", error
     silence = events[1][0] - events[0][0]
@@ -317,14 +318,16 @@ def test_a_stream_that_breaks_after_its_first_byte_is_not_retried(gateway, stubs
         pod.mode, pod.chats = "die_after_first_chunk", []
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=chat("dying-model", stream=True),
                       headers=AUTH, timeout=30) as r:
-        assert r.status_code == 200
+        status = r.status_code
         data = [d for _, d in sse_events(r)]
+    time.sleep(1)  # a retry (50 ms backoff) would have reached the other pod by now
+    asked = [(p.name, len(p.chats)) for p in pods]
+    assert sum(n for _, n in asked) == 1, f"retried after the first byte: {asked}"
+    assert status == 200, data
     first = json.loads(data[0])["choices"][0]["delta"]["content"]
     assert first in ("first words from dying-a", "first words from dying-b"), data
     # the partial answer, then the end: no second pod's stream appended, no [DONE]
     assert len(data) <= 2 and "[DONE]" not in data and all("first words" not in d for d in data[1:]), data
-    time.sleep(1)  # a retry (50 ms backoff) would have reached the other pod by now
-    assert sum(len(p.chats) for p in pods) == 1, [(p.name, len(p.chats)) for p in pods]
 
     # control: the same pods failing BEFORE their first byte are retried on the other pod (so a retry is visible)
     for pod in pods:
