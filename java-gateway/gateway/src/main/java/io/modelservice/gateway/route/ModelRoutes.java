@@ -10,6 +10,7 @@ import java.util.stream.Stream;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ObjectNode;
+import io.github.resilience4j.timelimiter.TimeLimiter;
 import io.github.resilience4j.timelimiter.TimeLimiterRegistry;
 import io.modelservice.gateway.config.GatewayProperties;
 import io.modelservice.gateway.config.GatewayProperties.ModelRoute;
@@ -153,7 +154,8 @@ public class ModelRoutes {
     }
 
     /**
-     * The route breakers' time limit ({@code resilience4j.timelimiter.configs.default.timeout-duration}) covers every
+     * The route breakers' time limit ({@code resilience4j.timelimiter.configs.default.timeout-duration}, or a route's
+     * own {@code resilience4j.timelimiter.instances.<route id>}) covers every
      * attempt until the response headers: shorter than the attempts' response timeouts, it would cut a slow
      * non-streamed generation into a 504. Said at startup, not discovered under load.
      */
@@ -164,7 +166,10 @@ public class ModelRoutes {
                     .max(Duration::compareTo).orElse(Duration.ZERO);
             Duration needed = longest.multipliedBy(properties.resilience().retries() + 1L);
             for (ModelRoute route : properties.routes()) {
-                Duration limit = timeLimiters.getConfiguration(route.id())
+                // the one Spring Cloud CircuitBreaker uses: the route's own instance (timelimiter.instances.<id>),
+                // else configs.<id>, else configs.default
+                Duration limit = timeLimiters.find(route.id()).map(TimeLimiter::getTimeLimiterConfig)
+                        .or(() -> timeLimiters.getConfiguration(route.id()))
                         .orElseGet(timeLimiters::getDefaultConfig).getTimeoutDuration();
                 if (limit.compareTo(needed) < 0) {
                     log.warn("route {}: resilience4j time limit {} is shorter than (retries + 1) x response-timeout"
