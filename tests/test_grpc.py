@@ -5,6 +5,7 @@ The server fixture runs HTTP and gRPC in one process over one engine, with the A
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -290,15 +291,45 @@ def test_http_and_grpc_share_the_engine_batches(stub, server, client):
 
 
 # ---------------------------------------------------------------------------------- lifecycle
+class LoadGate:
+    """Holds a server's model load at its start until ``open()``: a ``sitecustomize`` on the server's PYTHONPATH
+    wraps the loader, touches ``waiting`` when the load begins, then waits for ``opened``. The real load runs
+    after the gate, so what is checked while it is shut is provably the not-yet-loaded service."""
+
+    def __init__(self, tmp_path):
+        hook = tmp_path / "load_gate"
+        hook.mkdir()
+        self.waiting, self.opened = hook / "waiting", hook / "opened"
+        (hook / "sitecustomize.py").write_text(
+            "import os, sys, time\n"
+            f"sys.path.insert(0, {str(ROOT)!r})  # the server runs `-m model_service` from the checkout\n"
+            "import model_service.llm.loader as loader\n"
+            "_load = loader._load_model\n"
+            "def _gated(*args, **kwargs):\n"
+            f"    open({str(self.waiting)!r}, 'w').close()\n"
+            f"    while not os.path.exists({str(self.opened)!r}):\n"
+            "        time.sleep(0.05)\n"
+            "    return _load(*args, **kwargs)\n"
+            "loader._load_model = _gated\n")
+        self.env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+
+    def load_waiting(self) -> bool:
+        return self.waiting.exists()
+
+    def open(self) -> None:
+        self.opened.touch()
+
+
 def test_health_follows_loading_and_draining(tmp_path):
     # --grpc-port 0 (the last flag wins): the server picks a free port and logs it
     # one running request and no queue: a second request while the stream runs is overload;
     # an operator policy with a persona and a blocked word
     policy = tmp_path / "policy.yaml"
     policy.write_text("system_prompt: You are a terse assistant.\nblocked_patterns: [forbiddenword]\n")
+    gate = LoadGate(tmp_path)
     srv = start_server(tmp_path, "--log-format", "text", "--grpc-port", "0", "--max-running-requests", "1",
                        "--max-waiting-requests", "0", "--policy-file", str(policy), "--threads", "1",
-                       "--drain-timeout-s", "120", wait=False)
+                       "--drain-timeout-s", "120", env=gate.env, wait=False)
     try:
         assert wait_until(lambda: "grpc listening" in srv.log(), timeout=60), srv.log()
         grpc_port = int(re.search(r"grpc listening .*grpc_port=(\d+)", srv.log()).group(1))
@@ -310,15 +341,15 @@ def test_health_follows_loading_and_draining(tmp_path):
             def status(service: str = SERVICE):
                 return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
-            # gRPC binds before the model loads: NOT_SERVING and UNAVAILABLE until ready
+            # gRPC binds before the model loads: NOT_SERVING and UNAVAILABLE until ready. The load is held at
+            # its start, so these checks cannot race it.
             grpc.channel_ready_future(ch).result(timeout=60)
-            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
-            try:
+            assert wait_until(gate.load_waiting, timeout=60), srv.log()
+            assert status() == status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
                 stub.Chat(chat_request(max_tokens=1), timeout=10)
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-            else:
-                assert status() == health_pb2.HealthCheckResponse.SERVING  # it became ready meanwhile
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.open()
             srv.wait_ready()
             assert status() == status("") == health_pb2.HealthCheckResponse.SERVING
 
