@@ -131,8 +131,55 @@ def test_sampling_parameters_are_honoured(stub):
     a = stub.Chat(request, metadata=AUTH, timeout=120)
     b = stub.Chat(request, metadata=AUTH, timeout=120)
     assert a.text == b.text and a.usage.completion_tokens <= 12
+    request.seed = 8
+    assert stub.Chat(request, metadata=AUTH, timeout=120).text != a.text  # the seed reaches the sampler
+    request.temperature = 0
+    assert stub.Chat(request, metadata=AUTH, timeout=120).text != a.text  # it was a sample, not greedy
     stopped = stub.Chat(chat_request(stop=["Paris"]), metadata=AUTH, timeout=120)
     assert "Paris" not in stopped.text and stopped.finish_reason == llm_pb2.FINISH_REASON_STOP
+
+
+# Each sampling parameter must reach the sampler, whichever API carries it. Each case is checked against an
+# oracle that holds for any correct sampler: top_k=1, a tiny top_p or a tiny temperature give the greedy text
+# while the same seeded request without them does not; a strong penalty changes a greedy text that repeats.
+STORY = "Once upon a time"
+SAMPLING_CASES = {  # name -> (prompt, parameters); every case generates exactly max_tokens (ignore_eos)
+    "greedy": (STORY, {"temperature": 0}),
+    "seed 1": (STORY, {"temperature": 1.0, "seed": 1}),
+    "seed 2": (STORY, {"temperature": 1.0, "seed": 2}),
+    "seed 1, top_k 1": (STORY, {"temperature": 1.0, "seed": 1, "top_k": 1}),
+    "seed 1, top_p 1e-6": (STORY, {"temperature": 1.0, "seed": 1, "top_p": 1e-6}),
+    "seed 1, temperature 0.01": (STORY, {"temperature": 0.01, "seed": 1}),
+    "counting": (COUNTING, {"temperature": 0, "max_tokens": 16}),
+    "counting, presence_penalty 2": (COUNTING, {"temperature": 0, "max_tokens": 16, "presence_penalty": 2.0}),
+    "counting, frequency_penalty 2": (COUNTING, {"temperature": 0, "max_tokens": 16, "frequency_penalty": 2.0}),
+    "counting, repetition_penalty 2": (COUNTING, {"temperature": 0, "max_tokens": 16, "repetition_penalty": 2.0}),
+}
+
+
+def _complete_text(transport: str, stub, client, prompt: str, params: dict) -> str:
+    params = {"max_tokens": 8, "ignore_eos": True, **params}
+    if transport == "http":
+        r = client.post("/v1/completions", json={"prompt": prompt, **params})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    return stub.Complete(llm_pb2.CompleteRequest(prompt=prompt, **params), metadata=AUTH, timeout=120).text
+
+
+def test_each_sampling_parameter_reaches_the_engine_over_http_and_grpc(stub, client):
+    texts = {transport: {name: _complete_text(transport, stub, client, prompt, params)
+                         for name, (prompt, params) in SAMPLING_CASES.items()}
+             for transport in ("http", "grpc")}
+    for transport, t in texts.items():
+        assert t["seed 1"] != t["greedy"], (transport, t)  # temperature 1 samples
+        assert t["seed 2"] != t["seed 1"], (transport, t)  # the seed reaches the sampler
+        for restricted in ("seed 1, top_k 1", "seed 1, top_p 1e-6", "seed 1, temperature 0.01"):
+            assert t[restricted] == t["greedy"], (transport, restricted, t)
+        for penalized in ("presence_penalty 2", "frequency_penalty 2", "repetition_penalty 2"):
+            assert t[f"counting, {penalized}"] != t["counting"], (transport, penalized, t)
+        assert t["counting, presence_penalty 2"] != t["counting, frequency_penalty 2"], (transport, t)
+    # one server, one engine: the same request gives the same text whichever API carried it
+    assert texts["grpc"] == texts["http"]
 
 
 def test_count_tokens_and_model_info(stub, client):

@@ -110,7 +110,12 @@ def test_seeded_sampling_is_reproducible(client):
                "presence_penalty": 0.2, "repetition_penalty": 1.1}
     first = client.post("/v1/chat/completions", json=request).json()
     second = client.post("/v1/chat/completions", json=request).json()
-    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    text = first["choices"][0]["message"]["content"]
+    assert text == second["choices"][0]["message"]["content"]
+    other_seed = client.post("/v1/chat/completions", json={**request, "seed": 4321}).json()
+    assert other_seed["choices"][0]["message"]["content"] != text  # the seed reaches the sampler
+    greedy = client.post("/v1/chat/completions", json={**request, "temperature": 0}).json()
+    assert greedy["choices"][0]["message"]["content"] != text  # it was a sample, not greedy
 
 
 def test_openai_client_unchanged(server):
