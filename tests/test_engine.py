@@ -200,9 +200,28 @@ def test_client_disconnect_frees_the_slot_over_http(server, client):
     assert running() == 0
 
 
+def histogram_counts(text: str) -> dict[str, float]:
+    """Each histogram's ``_count`` (summed over its labels) in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.type == "histogram" and sample.name == family.name + "_count":
+                counts[family.name] = counts.get(family.name, 0.0) + sample.value
+    return counts
+
+
 def test_metrics_are_exposed_with_conventional_names(client):
-    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    latencies = ("model_service_time_to_first_token_seconds", "model_service_e2e_request_latency_seconds",
+                 "model_service_request_queue_time_seconds")
+    before = histogram_counts(client.get("/metrics").text)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
     text = client.get("/metrics").text
+    after = histogram_counts(text)
+    for name in latencies:  # the names exist from start-up: the request must have been observed in each
+        assert after.get(name, 0) >= before.get(name, 0) + 1, (name, before.get(name), after.get(name))
     for name in ("model_service_time_to_first_token_seconds_bucket", "model_service_inter_token_latency_seconds_bucket",
                  "model_service_e2e_request_latency_seconds_bucket", "model_service_request_queue_time_seconds_bucket",
                  "model_service_num_requests_running", "model_service_num_requests_waiting",

@@ -5,6 +5,7 @@ The server fixture runs HTTP and gRPC in one process over one engine, with the A
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -130,8 +131,55 @@ def test_sampling_parameters_are_honoured(stub):
     a = stub.Chat(request, metadata=AUTH, timeout=120)
     b = stub.Chat(request, metadata=AUTH, timeout=120)
     assert a.text == b.text and a.usage.completion_tokens <= 12
+    request.seed = 8
+    assert stub.Chat(request, metadata=AUTH, timeout=120).text != a.text  # the seed reaches the sampler
+    request.temperature = 0
+    assert stub.Chat(request, metadata=AUTH, timeout=120).text != a.text  # it was a sample, not greedy
     stopped = stub.Chat(chat_request(stop=["Paris"]), metadata=AUTH, timeout=120)
     assert "Paris" not in stopped.text and stopped.finish_reason == llm_pb2.FINISH_REASON_STOP
+
+
+# Each sampling parameter must reach the sampler, whichever API carries it. Each case is checked against an
+# oracle that holds for any correct sampler: top_k=1, a tiny top_p or a tiny temperature give the greedy text
+# while the same seeded request without them does not; a strong penalty changes a greedy text that repeats.
+STORY = "Once upon a time"
+SAMPLING_CASES = {  # name -> (prompt, parameters); every case generates exactly max_tokens (ignore_eos)
+    "greedy": (STORY, {"temperature": 0}),
+    "seed 1": (STORY, {"temperature": 1.0, "seed": 1}),
+    "seed 2": (STORY, {"temperature": 1.0, "seed": 2}),
+    "seed 1, top_k 1": (STORY, {"temperature": 1.0, "seed": 1, "top_k": 1}),
+    "seed 1, top_p 1e-6": (STORY, {"temperature": 1.0, "seed": 1, "top_p": 1e-6}),
+    "seed 1, temperature 0.01": (STORY, {"temperature": 0.01, "seed": 1}),
+    "counting": (COUNTING, {"temperature": 0, "max_tokens": 16}),
+    "counting, presence_penalty 2": (COUNTING, {"temperature": 0, "max_tokens": 16, "presence_penalty": 2.0}),
+    "counting, frequency_penalty 2": (COUNTING, {"temperature": 0, "max_tokens": 16, "frequency_penalty": 2.0}),
+    "counting, repetition_penalty 2": (COUNTING, {"temperature": 0, "max_tokens": 16, "repetition_penalty": 2.0}),
+}
+
+
+def _complete_text(transport: str, stub, client, prompt: str, params: dict) -> str:
+    params = {"max_tokens": 8, "ignore_eos": True, **params}
+    if transport == "http":
+        r = client.post("/v1/completions", json={"prompt": prompt, **params})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    return stub.Complete(llm_pb2.CompleteRequest(prompt=prompt, **params), metadata=AUTH, timeout=120).text
+
+
+def test_each_sampling_parameter_reaches_the_engine_over_http_and_grpc(stub, client):
+    texts = {transport: {name: _complete_text(transport, stub, client, prompt, params)
+                         for name, (prompt, params) in SAMPLING_CASES.items()}
+             for transport in ("http", "grpc")}
+    for transport, t in texts.items():
+        assert t["seed 1"] != t["greedy"], (transport, t)  # temperature 1 samples
+        assert t["seed 2"] != t["seed 1"], (transport, t)  # the seed reaches the sampler
+        for restricted in ("seed 1, top_k 1", "seed 1, top_p 1e-6", "seed 1, temperature 0.01"):
+            assert t[restricted] == t["greedy"], (transport, restricted, t)
+        for penalized in ("presence_penalty 2", "frequency_penalty 2", "repetition_penalty 2"):
+            assert t[f"counting, {penalized}"] != t["counting"], (transport, penalized, t)
+        assert t["counting, presence_penalty 2"] != t["counting, frequency_penalty 2"], (transport, t)
+    # one server, one engine: the same request gives the same text whichever API carried it
+    assert texts["grpc"] == texts["http"]
 
 
 def test_count_tokens_and_model_info(stub, client):
@@ -290,15 +338,45 @@ def test_http_and_grpc_share_the_engine_batches(stub, server, client):
 
 
 # ---------------------------------------------------------------------------------- lifecycle
+class LoadGate:
+    """Holds a server's model load at its start until ``open()``: a ``sitecustomize`` on the server's PYTHONPATH
+    wraps the loader, touches ``waiting`` when the load begins, then waits for ``opened``. The real load runs
+    after the gate, so what is checked while it is shut is provably the not-yet-loaded service."""
+
+    def __init__(self, tmp_path):
+        hook = tmp_path / "load_gate"
+        hook.mkdir()
+        self.waiting, self.opened = hook / "waiting", hook / "opened"
+        (hook / "sitecustomize.py").write_text(
+            "import os, sys, time\n"
+            f"sys.path.insert(0, {str(ROOT)!r})  # the server runs `-m model_service` from the checkout\n"
+            "import model_service.llm.loader as loader\n"
+            "_load = loader._load_model\n"
+            "def _gated(*args, **kwargs):\n"
+            f"    open({str(self.waiting)!r}, 'w').close()\n"
+            f"    while not os.path.exists({str(self.opened)!r}):\n"
+            "        time.sleep(0.05)\n"
+            "    return _load(*args, **kwargs)\n"
+            "loader._load_model = _gated\n")
+        self.env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+
+    def load_waiting(self) -> bool:
+        return self.waiting.exists()
+
+    def open(self) -> None:
+        self.opened.touch()
+
+
 def test_health_follows_loading_and_draining(tmp_path):
     # --grpc-port 0 (the last flag wins): the server picks a free port and logs it
     # one running request and no queue: a second request while the stream runs is overload;
     # an operator policy with a persona and a blocked word
     policy = tmp_path / "policy.yaml"
     policy.write_text("system_prompt: You are a terse assistant.\nblocked_patterns: [forbiddenword]\n")
+    gate = LoadGate(tmp_path)
     srv = start_server(tmp_path, "--log-format", "text", "--grpc-port", "0", "--max-running-requests", "1",
                        "--max-waiting-requests", "0", "--policy-file", str(policy), "--threads", "1",
-                       "--drain-timeout-s", "120", wait=False)
+                       "--drain-timeout-s", "120", env=gate.env, wait=False)
     try:
         assert wait_until(lambda: "grpc listening" in srv.log(), timeout=60), srv.log()
         grpc_port = int(re.search(r"grpc listening .*grpc_port=(\d+)", srv.log()).group(1))
@@ -310,15 +388,15 @@ def test_health_follows_loading_and_draining(tmp_path):
             def status(service: str = SERVICE):
                 return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
-            # gRPC binds before the model loads: NOT_SERVING and UNAVAILABLE until ready
+            # gRPC binds before the model loads: NOT_SERVING and UNAVAILABLE until ready. The load is held at
+            # its start, so these checks cannot race it.
             grpc.channel_ready_future(ch).result(timeout=60)
-            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
-            try:
+            assert wait_until(gate.load_waiting, timeout=60), srv.log()
+            assert status() == status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
                 stub.Chat(chat_request(max_tokens=1), timeout=10)
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-            else:
-                assert status() == health_pb2.HealthCheckResponse.SERVING  # it became ready meanwhile
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.open()
             srv.wait_ready()
             assert status() == status("") == health_pb2.HealthCheckResponse.SERVING
 

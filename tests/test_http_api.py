@@ -110,7 +110,12 @@ def test_seeded_sampling_is_reproducible(client):
                "presence_penalty": 0.2, "repetition_penalty": 1.1}
     first = client.post("/v1/chat/completions", json=request).json()
     second = client.post("/v1/chat/completions", json=request).json()
-    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    text = first["choices"][0]["message"]["content"]
+    assert text == second["choices"][0]["message"]["content"]
+    other_seed = client.post("/v1/chat/completions", json={**request, "seed": 4321}).json()
+    assert other_seed["choices"][0]["message"]["content"] != text  # the seed reaches the sampler
+    greedy = client.post("/v1/chat/completions", json={**request, "temperature": 0}).json()
+    assert greedy["choices"][0]["message"]["content"] != text  # it was a sample, not greedy
 
 
 def test_openai_client_unchanged(server):
@@ -216,9 +221,24 @@ def test_completion_bad_requests(client):
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
 
 
+# Raw bodies no JSON parser accepts as a request, each answered by an OpenAI error, then real work goes on
+RAW_BAD_BODIES = [b"", b"\xff\xfe\x00garbage", b"null", b'{"messages": [{"role": "user", "content": "hi"}]']
+
+
 def test_service_keeps_serving_after_bad_input(client):
-    for _, body, *_ in BAD_REQUESTS[:5]:
-        client.post("/v1/chat/completions", json=body if not isinstance(body, bytes) else None)
+    cases = [(body, status, etype, param) for _, body, status, etype, param in BAD_REQUESTS[:5]]
+    cases += [(body, 400, "invalid_request_error", None) for body in RAW_BAD_BODIES]
+    assert any(isinstance(body, bytes) for body, *_ in cases)
+    for body, status, etype, param in cases:
+        if isinstance(body, bytes):
+            r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["type"] == etype and error["param"] == param, (body, error)
+        assert isinstance(error["code"], str) and error["code"], (body, error)
+        assert isinstance(error["message"], str) and error["message"], (body, error)
     r = client.post("/v1/chat/completions", json={"messages": FRANCE, "temperature": 0, "max_tokens": 12})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
 

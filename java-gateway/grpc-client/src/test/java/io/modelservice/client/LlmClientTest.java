@@ -144,16 +144,22 @@ class LlmClientTest {
         FakePod up = new FakePod("up2-" + System.nanoTime(), null);
         List<Endpoint> endpoints = List.of(serve(invalid), serve(up));
         try (LlmClient client = client(endpoints)) {
+            // The client starts at a random instance; call until the invalid pod was tried (bounded: missing
+            // it in 200 calls has probability (1/2)^200), so the checks below never pass on 0 == 0.
             int failures = 0;
-            for (int i = 0; i < 6; i++) {
+            int answered = 0;
+            for (int i = 0; i < 200 && invalid.calls.get() == 0; i++) {
                 try {
-                    client.chat(question(), Duration.ofSeconds(5));
+                    assertEquals("answer from " + up.name, client.chat(question(), Duration.ofSeconds(5)).getText());
+                    answered++;
                 } catch (StatusRuntimeException e) {
                     assertEquals(Status.Code.INVALID_ARGUMENT, e.getStatus().getCode());
                     failures++;
                 }
             }
+            assertTrue(invalid.calls.get() > 0, "the invalid pod was never tried");
             assertEquals(invalid.calls.get(), failures);  // each INVALID_ARGUMENT reached the caller as it was
+            assertEquals(answered, up.calls.get());  // and none was retried on the healthy pod
         }
     }
 
