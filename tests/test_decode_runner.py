@@ -90,7 +90,7 @@ def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, m
     assert len(slots) == len(jobs) and {slot for _, slot in slots} == {0, 1, 2}  # slots reused
     rows_used = {rows for rows, _ in runner.steps}
     lengths_used = {length for _, length in runner.steps}
-    assert rows_used == {1, 2, 3}, runner.steps
+    assert {1, 3} <= rows_used, runner.steps  # alone: 1 row; three at once: 3
     assert {16, 32, 64} <= lengths_used, runner.steps
     assert runner.replays == 0  # eager: nothing captured on the CPU
     padded, _, _, _ = staggered_run(glm, jobs, EngineLimits(max_running_requests=3, max_prefill_tokens=16,
