@@ -109,3 +109,10 @@ def test_embedded_model_fixed_shape_steps_batched_equal_alone(smollm):
     assert together == alone
     assert len({slot for _, slot in slots}) == 3
     assert len({rows for rows, _ in engine._runner.steps}) > 1
+    # and transformers' own greedy generate (its own cache and masks) gives the same tokens
+    with torch.inference_mode():
+        for (ids, n), tokens in zip(jobs, alone):
+            out = smollm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=n, do_sample=False, pad_token_id=smollm.eos_token_ids[0])
+            reference = out[0, len(ids):].tolist()  # up to its end of turn (the engine ignored eos and went on)
+            assert len(reference) >= 4 and tokens[:len(reference)] == reference
