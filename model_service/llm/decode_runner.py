@@ -79,7 +79,7 @@ class StaticDecodeRunner:
         self._host[0], self._host[1], self._host[2] = pad_id, 0, cache.scratch  # idle rows, for capture
         self._inputs.copy_(self._host)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self._logits: torch.Tensor | None = None  # [slots, vocab]: every graph writes its logits here
         # what ran, for tests and the log: steps per (rows, length), and how many of them were graph replays
         self.steps: Counter[tuple[int, int]] = Counter()
         self.replays = 0
@@ -122,23 +122,24 @@ class StaticDecodeRunner:
                 for length in reversed(self.lengths):
                     stream.wait_stream(torch.cuda.current_stream(self.device))
                     with torch.cuda.stream(stream):
-                        self._forward(rows, length)
+                        logits = self._forward(rows, length)
                     torch.cuda.current_stream(self.device).wait_stream(stream)
+                    if self._logits is None:  # one output buffer for all graphs: the pool keeps no logits each
+                        self._logits = logits.new_empty((self._cache.slots, logits.shape[-1]))
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        output = self._forward(rows, length)
+                        self._logits[:rows].copy_(self._forward(rows, length))
                     self._graphs[rows, length] = graph
-                    self._outputs[rows, length] = output
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.monotonic() - started
 
     def discard_graphs(self) -> None:
         self._graphs.clear()
-        self._outputs.clear()
+        self._logits = None
 
     def decode(self, last_tokens: dict[int, int], positions: dict[int, int]) -> torch.Tensor:
         """One token per slot in ``last_tokens``, at ``positions[slot]``; returns logits [rows, vocab] whose row
-        r is slot r's. With graphs the tensor is the graph's output buffer: read it before the next step."""
+        r is slot r's. With graphs the tensor is the graphs' output buffer: read it before the next step."""
         rows, length = self.shape(max(last_tokens), max(positions.values()) + 1)
         slots = self._cache.slots
         ids, pos, cols = [self._pad_id] * slots, [0] * slots, [self._cache.scratch] * slots  # idle rows
@@ -157,4 +158,4 @@ class StaticDecodeRunner:
             return self._forward(rows, length)
         graph.replay()
         self.replays += 1
-        return self._outputs[rows, length]
+        return self._logits[:rows]
