@@ -441,7 +441,7 @@ class Engine:
                 ids, mask, position_ids, _ = self._slots.decode(last, positions, self._pad_id)
                 logits = self._forward(ids, mask, position_ids, self._slots.cache)
             # logits row r is slot r's
-            logits = logits[torch.tensor([s.slot for s in running]).to(logits.device, non_blocking=True)]
+            logits = logits[torch.tensor([s.slot for s in running], device=logits.device)]
         else:
             logits = self._decode_padded(running)
         self.metrics.batch_size.observe(len(running))
