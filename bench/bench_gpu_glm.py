@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import tempfile
@@ -197,6 +198,7 @@ def main() -> None:
     mode = decode_mode(engine)
     print(f"decode: {mode}", flush=True)
     del engine  # its KV slots and graph pool, before generate allocates its own static cache
+    gc.collect()  # the engine and its (stopped) thread refer to each other
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     generate = {}

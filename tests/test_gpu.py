@@ -225,7 +225,7 @@ def test_a_graph_replayed_after_its_slot_changed_hands_gives_the_new_requests_to
         engine._scheduler.complete_prefill = spy
         try:
             greedy = {"temperature": 0, "ignore_eos": True}
-            task_a = asyncio.create_task(_generate(engine, a, max_tokens=60, **greedy))
+            task_a = asyncio.create_task(_generate(engine, a, max_tokens=120, **greedy))  # outlives B and C
             await asyncio.sleep(0)
             out_b = await _generate(engine, b, max_tokens=3, **greedy)
             out_c = await _generate(engine, c, max_tokens=20, **greedy)
