@@ -116,3 +116,15 @@ def test_embedded_model_fixed_shape_steps_batched_equal_alone(smollm):
                                         max_new_tokens=n, do_sample=False, pad_token_id=smollm.eos_token_ids[0])
             reference = out[0, len(ids):].tolist()  # up to its end of turn (the engine ignored eos and went on)
             assert len(reference) >= 4 and tokens[:len(reference)] == reference
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_graphs_on_without_a_gpu_is_a_clear_startup_error():
+    """The engine's settings are checked when the model has loaded: a clear line and exit 2, no traceback."""
+    from test_models import run_serve
+
+    result = run_serve("--cuda-graphs", "on", "--log-format", "text")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot start: --cuda-graphs on needs a CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
