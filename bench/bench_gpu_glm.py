@@ -7,7 +7,8 @@ Prompts of ~256 tokens, 128 new tokens (ignore_eos), greedy; the engine driven i
 forward compiled) at batch 1 and 32, and the measured HBM bandwidth (a device-to-device copy) with the
 roofline it implies (weights bytes / bandwidth per decode step). Results to bench/results/gpu-glm4-9b.md.
 One engine serves every concurrency level, so its CUDA graphs (--cuda-graphs auto) are captured once; the
-capture time and how many steps were graph replays are part of the results.
+capture time and how many steps were graph replays are part of the results, next to the same engine with
+--cuda-graphs off at concurrency 1 and 32 (the eager decode it replaces).
 
     python bench/bench_gpu_glm.py            # `make bench-gpu`; a few minutes on an H100/H200
     python bench/bench_gpu_glm.py --smoke    # the whole script on tiny shapes on the CPU, results to /tmp
@@ -99,6 +100,30 @@ def engine_run(engine: Engine, concurrency: int, prompt_len: int, new_tokens: in
     return asyncio.run(main())
 
 
+def run_engine(loaded, cuda_graphs: str, levels: list[int], args, label: str = "engine") -> tuple[list, str]:
+    """One engine for all concurrency levels (its graphs captured once); freed before returning."""
+    started = time.perf_counter()
+    engine = Engine(loaded, EngineLimits(max_running_requests=max(args.concurrency), max_waiting_requests=64,
+                                         max_prefill_tokens=4096, cuda_graphs=cuda_graphs))
+    print(f"{label} ready in {time.perf_counter() - started:.1f} s", flush=True)
+    engine.start()
+    rows = []
+    try:
+        for c in levels:
+            r = engine_run(engine, c, args.prompt_tokens, args.new_tokens)
+            rows.append((c, r))
+            print(f"{label} c={c}: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
+                  f"ITL p50 {r['itl_p50_ms']:.1f} ms", flush=True)
+    finally:
+        engine.shutdown()
+    mode = decode_mode(engine)
+    del engine  # its KV slots and graph pool, before the next engine or generate allocates its own
+    gc.collect()  # the engine and its (stopped) thread refer to each other
+    if loaded.model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, mode
+
+
 def decode_mode(engine: Engine) -> str:
     """How the engine decoded: captured graphs (how many, how long the capture took, replays) or eager."""
     runner = engine._runner
@@ -160,6 +185,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off", "eager"])
+    parser.add_argument("--eager-baseline", type=int, nargs="*", default=[1, 32],
+                        help="concurrency levels to rerun with --cuda-graphs off (none: skip)")
     parser.add_argument("--out", default=None, help="default: bench/results/gpu-glm4-9b.md (--smoke: a temp file)")
     parser.add_argument("--smoke", action="store_true",
                         help="check the script end to end in seconds: tiny shapes, CPU, float32, fixed-shape decode "
@@ -169,6 +196,7 @@ def main() -> None:
         args.shape, args.device, args.dtype = "tiny", "cpu", "float32"
         args.cuda_graphs = "eager" if args.cuda_graphs == "auto" else args.cuda_graphs
         args.concurrency, args.generate_batches, args.prompt_tokens, args.new_tokens = [1, 2], [1, 2], 32, 8
+        args.eager_baseline = [2]
         args.out = args.out or str(Path(tempfile.gettempdir()) / "gpu-glm-smoke.md")
     out = Path(args.out or ROOT / "bench" / "results" / "gpu-glm4-9b.md")
     dtype = getattr(torch, args.dtype)
@@ -181,26 +209,12 @@ def main() -> None:
     print(f"{device}: weights {weights / 1e9:.1f} GB, HBM {bandwidth / 1e12:.2f} TB/s, "
           f"roofline {step_s * 1000:.2f} ms/step", flush=True)
 
-    started = time.perf_counter()
-    engine = Engine(loaded, EngineLimits(max_running_requests=max(args.concurrency), max_waiting_requests=64,
-                                         max_prefill_tokens=4096, cuda_graphs=args.cuda_graphs))
-    print(f"engine ready in {time.perf_counter() - started:.1f} s", flush=True)
-    engine.start()
-    rows = []
-    try:
-        for c in args.concurrency:
-            r = engine_run(engine, c, args.prompt_tokens, args.new_tokens)
-            rows.append((c, r))
-            print(f"engine c={c}: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
-                  f"ITL p50 {r['itl_p50_ms']:.1f} ms", flush=True)
-    finally:
-        engine.shutdown()
-    mode = decode_mode(engine)
+    rows, mode = run_engine(loaded, args.cuda_graphs, args.concurrency, args)
     print(f"decode: {mode}", flush=True)
-    del engine  # its KV slots and graph pool, before generate allocates its own static cache
-    gc.collect()  # the engine and its (stopped) thread refer to each other
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    # the same engine decoding eagerly (--cuda-graphs off), in the same run: what the graphs are worth
+    eager_rows = []
+    if args.eager_baseline and args.cuda_graphs != "off":
+        eager_rows, _ = run_engine(loaded, "off", args.eager_baseline, args, label="eager engine")
     generate = {}
     for b in args.generate_batches:
         generate[b] = static_generate_run(loaded, b, args.prompt_tokens, args.new_tokens)
@@ -215,14 +229,16 @@ def main() -> None:
         f"Measured HBM bandwidth {bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode step.",
         f"Engine decode: {mode}.", "",
         "| concurrency | engine tok/s | TTFT p50 (ms) | ITL p50 (ms) | static compiled generate tok/s | "
-        "engine / generate | roofline tok/s |",
-        "|---|---|---|---|---|---|---|",
+        "engine / generate | roofline tok/s | eager engine (graphs off) tok/s, ITL p50 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    eager = dict(eager_rows)
     for c, r in rows:
-        g = generate.get(c)
+        g, e = generate.get(c), eager.get(c)
         vs_generate = f"{g:.0f} | {r['tokens_per_s'] / g:.2f}x" if g else "n/a | n/a"
+        vs_eager = f"{e['tokens_per_s']:.0f}, {e['itl_p50_ms']:.1f}" if e else "n/a"
         lines.append(f"| {c} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
-                     f"{vs_generate} | {c / step_s:.0f} |")
+                     f"{vs_generate} | {c / step_s:.0f} | {vs_eager} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
