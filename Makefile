@@ -123,10 +123,13 @@ bench: install
 	$(PY) bench/bench_engine.py --dtype bfloat16
 
 # Where torch sees a CUDA GPU: the engine with --device cuda next to (compiled static) generate (bench/results/gpu*.md).
-bench-gpu: install
-	$(PY) bench/bench_gpu_glm.py
-	$(PY) bench/bench_gpu.py --dtype bfloat16
-	$(PY) bench/bench_gpu.py --dtype float32 --out bench/results/gpu-float32.md
+# Without a virtualenv it runs on the system python3 (a GPU machine with torch and transformers preinstalled and
+# nothing to download); scripts/gpu_check.sh runs tests/test_gpu.py and this in one go (a few minutes).
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu: $(if $(wildcard $(PY)),install)
+	$(GPU_PY) bench/bench_gpu_glm.py
+	$(GPU_PY) bench/bench_gpu.py --dtype bfloat16
+	$(GPU_PY) bench/bench_gpu.py --dtype float32 --out bench/results/gpu-float32.md
 
 # docs/configuration.md, generated from model_service/config.py (tests/test_config_docs.py fails when stale).
 docs: install

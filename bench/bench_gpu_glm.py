@@ -6,17 +6,22 @@ Prompts of ~256 tokens, 128 new tokens (ignore_eos), greedy; the engine driven i
 1, 8, 32 and 64; in the same run, transformers' ``generate`` with ``cache_implementation="static"`` (its
 forward compiled) at batch 1 and 32, and the measured HBM bandwidth (a device-to-device copy) with the
 roofline it implies (weights bytes / bandwidth per decode step). Results to bench/results/gpu-glm4-9b.md.
+One engine serves every concurrency level, so its CUDA graphs (--cuda-graphs auto) are captured once; the
+capture time and how many steps were graph replays are part of the results, next to the same engine with
+--cuda-graphs off at concurrency 1 and 32 (the eager decode it replaces).
 
-    python bench/bench_gpu_glm.py                  # `make bench-gpu`; a few minutes on an H100/H200
-    python bench/bench_gpu_glm.py --shape tiny --device cpu --concurrency 1 2   # try the script itself
+    python bench/bench_gpu_glm.py            # `make bench-gpu`; a few minutes on an H100/H200
+    python bench/bench_gpu_glm.py --smoke    # the whole script on tiny shapes on the CPU, results to /tmp
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,11 +73,10 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return [[2 + (i * 7919 + j * 104729) % (vocab - 2) for j in range(length - 8 + i % 17)] for i in range(n)]
 
 
-def engine_run(loaded, concurrency: int, prompt_len: int, new_tokens: int) -> dict:
+def engine_run(engine: Engine, concurrency: int, prompt_len: int, new_tokens: int) -> dict:
+    loaded = engine.model_info
+
     async def main():
-        engine = Engine(loaded, EngineLimits(max_running_requests=max(64, concurrency), max_waiting_requests=64,
-                                             max_prefill_tokens=4096))
-        engine.start()
         params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
         rows = prompts(concurrency, prompt_len, loaded.model.config.vocab_size)
 
@@ -84,19 +88,53 @@ def engine_run(loaded, concurrency: int, prompt_len: int, new_tokens: int) -> di
                     first = stamps[-1] - started
             return first, len(stamps), [b - a for a, b in zip(stamps, stamps[1:])]
 
-        try:
-            await asyncio.gather(*(one(p) for p in rows))  # warm-up at the same concurrency
-            started = time.perf_counter()
-            results = await asyncio.gather(*(one(p) for p in rows))
-            wall = time.perf_counter() - started
-        finally:
-            engine.shutdown()
+        await asyncio.gather(*(one(p) for p in rows))  # warm-up at the same concurrency
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in rows))
+        wall = time.perf_counter() - started
         itl = [gap for r in results for gap in r[2]]
         return {"tokens_per_s": sum(r[1] for r in results) / wall,
                 "ttft_p50_ms": 1000 * statistics.median(r[0] for r in results),
                 "itl_p50_ms": 1000 * statistics.median(itl) if itl else float("nan")}
 
     return asyncio.run(main())
+
+
+def run_engine(loaded, cuda_graphs: str, levels: list[int], args, label: str = "engine") -> tuple[list, str]:
+    """One engine for all concurrency levels (its graphs captured once); freed before returning."""
+    started = time.perf_counter()
+    engine = Engine(loaded, EngineLimits(max_running_requests=max(args.concurrency), max_waiting_requests=64,
+                                         max_prefill_tokens=4096, cuda_graphs=cuda_graphs))
+    print(f"{label} ready in {time.perf_counter() - started:.1f} s", flush=True)
+    engine.start()
+    rows = []
+    try:
+        for c in levels:
+            r = engine_run(engine, c, args.prompt_tokens, args.new_tokens)
+            rows.append((c, r))
+            print(f"{label} c={c}: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
+                  f"ITL p50 {r['itl_p50_ms']:.1f} ms", flush=True)
+    finally:
+        engine.shutdown()
+    mode = decode_mode(engine)
+    del engine  # its KV slots and graph pool, before the next engine or generate allocates its own
+    gc.collect()  # the engine and its (stopped) thread refer to each other
+    if loaded.model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, mode
+
+
+def decode_mode(engine: Engine) -> str:
+    """How the engine decoded: captured graphs (how many, how long the capture took, replays) or eager."""
+    runner = engine._runner
+    if runner is None:
+        return "eager decode steps shaped to the batch (no CUDA graphs)"
+    steps = sum(runner.steps.values())
+    if not runner.graphs:
+        return f"fixed-shape decode steps run eagerly ({steps} steps; --cuda-graphs eager)"
+    return (f"{runner.graphs} CUDA graphs captured at start-up in {runner.capture_seconds:.1f} s (batch buckets "
+            f"{','.join(map(str, runner.batch_sizes))}; read lengths {','.join(map(str, runner.lengths))}); "
+            f"{runner.replays} of {steps} decode steps were graph replays")
 
 
 def static_generate_run(loaded, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -109,6 +147,7 @@ def static_generate_run(loaded, batch: int, prompt_len: int, new_tokens: int) ->
     kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, cache_implementation="static")
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    # transformers compiles the decode step with a static cache on a GPU (not on a CPU: --smoke runs it eager)
     with torch.inference_mode():
         model.generate(**kwargs)  # compiles
         sync()
@@ -140,51 +179,69 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="glm4-9b", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--generate-batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu-glm4-9b.md"))
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off", "eager"])
+    parser.add_argument("--eager-baseline", type=int, nargs="*", default=[1, 32],
+                        help="concurrency levels to rerun with --cuda-graphs off (none: skip)")
+    parser.add_argument("--out", default=None, help="default: bench/results/gpu-glm4-9b.md (--smoke: a temp file)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script end to end in seconds: tiny shapes, CPU, float32, fixed-shape decode "
+                             "run eagerly; results to a temp file, never to bench/results")
     args = parser.parse_args()
+    if args.smoke:
+        args.shape, args.device, args.dtype = "tiny", "cpu", "float32"
+        args.cuda_graphs = "eager" if args.cuda_graphs == "auto" else args.cuda_graphs
+        args.concurrency, args.generate_batches, args.prompt_tokens, args.new_tokens = [1, 2], [1, 2], 32, 8
+        args.eager_baseline = [2]
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "gpu-glm-smoke.md")
+    out = Path(args.out or ROOT / "bench" / "results" / "gpu-glm4-9b.md")
+    dtype = getattr(torch, args.dtype)
 
     bandwidth = hbm_bandwidth(args.device)
-    loaded = build(args.shape, args.device, torch.bfloat16, context=args.prompt_tokens + args.new_tokens + 64)
+    loaded = build(args.shape, args.device, dtype, context=args.prompt_tokens + args.new_tokens + 64)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     step_s = weights / bandwidth
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"{device}: weights {weights / 1e9:.1f} GB, HBM {bandwidth / 1e12:.2f} TB/s, "
           f"roofline {step_s * 1000:.2f} ms/step", flush=True)
 
-    rows = []
-    for c in args.concurrency:
-        r = engine_run(loaded, c, args.prompt_tokens, args.new_tokens)
-        rows.append((c, r))
-        print(f"engine c={c}: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
-              f"ITL p50 {r['itl_p50_ms']:.1f} ms", flush=True)
+    rows, mode = run_engine(loaded, args.cuda_graphs, args.concurrency, args)
+    print(f"decode: {mode}", flush=True)
+    # the same engine decoding eagerly (--cuda-graphs off), in the same run: what the graphs are worth
+    eager_rows = []
+    if args.eager_baseline and args.cuda_graphs != "off":
+        eager_rows, _ = run_engine(loaded, "off", args.eager_baseline, args, label="eager engine")
     generate = {}
     for b in args.generate_batches:
         generate[b] = static_generate_run(loaded, b, args.prompt_tokens, args.new_tokens)
         print(f"static compiled generate batch {b}: {generate[b]:.0f} tok/s", flush=True)
 
     lines = [
-        f"# Engine on a GPU: GLM-4-9B shapes ({args.shape}, bfloat16)", "",
+        f"# Engine on a GPU: GLM-4-9B shapes ({args.shape}, {args.dtype})", "",
         f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, torch {torch.__version__}; random weights "
         f"({weights / 1e9:.1f} GB); prompts ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens "
-        "(ignore_eos), greedy; the engine driven in-process; one run of `python bench/bench_gpu_glm.py`.",
-        f"Measured HBM bandwidth {bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode step.", "",
+        "(ignore_eos), greedy; the engine driven in-process; one run of `python bench/bench_gpu_glm.py"
+        f"{' --smoke' if args.smoke else ''}`.",
+        f"Measured HBM bandwidth {bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode step.",
+        f"Engine decode: {mode}.", "",
         "| concurrency | engine tok/s | TTFT p50 (ms) | ITL p50 (ms) | static compiled generate tok/s | "
-        "engine / generate | roofline tok/s |",
-        "|---|---|---|---|---|---|---|",
+        "engine / generate | roofline tok/s | eager engine (graphs off) tok/s, ITL p50 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    eager = dict(eager_rows)
     for c, r in rows:
-        g = generate.get(c)
+        g, e = generate.get(c), eager.get(c)
         vs_generate = f"{g:.0f} | {r['tokens_per_s'] / g:.2f}x" if g else "n/a | n/a"
+        vs_eager = f"{e['tokens_per_s']:.0f}, {e['itl_p50_ms']:.1f}" if e else "n/a"
         lines.append(f"| {c} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
-                     f"{vs_generate} | {c / step_s:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(Path(args.out).read_text())
-
+                     f"{vs_generate} | {c / step_s:.0f} | {vs_eager} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
 
 if __name__ == "__main__":
     main()

@@ -8,10 +8,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUILTIN_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> (1, 2, 4, 8); ``""`` -> () (the engine's default buckets). ValueError on anything else."""
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected positive integers separated by commas, not {text!r}") from None
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"expected positive integers separated by commas, not {text!r}")
+    return tuple(sorted(set(sizes)))
 
 
 class Settings(BaseSettings):
@@ -86,6 +100,17 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of the GPU's free memory (after the weights) the KV slots may take."
     )
+    cuda_graphs: Literal["auto", "on", "off", "eager"] = Field(
+        "auto", description="Decode steps of fixed shape over the KV slots, captured as CUDA graphs at start-up (one "
+        "per batch-size bucket and read length; a capture that fails is logged and decoding runs eagerly). 'auto': on "
+        "where the slots are on a CUDA device; 'on': the same, an error without CUDA; 'eager': the same fixed-shape "
+        "steps without capture (any device); 'off': eager steps shaped to the batch."
+    )
+    cuda_graph_batch_sizes: str = Field(
+        "", description="Batch-size buckets of the captured decode steps, comma-separated (e.g. 1,2,4,8,16,32); a "
+        "batch runs in the smallest bucket that holds its highest slot. Default: 1,2,4,8,16,24,32,48,64,96,... up "
+        "to --max-running-requests, which is always one."
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."
     )
@@ -131,6 +156,11 @@ class Settings(BaseSettings):
         None, description="Local YAML file with the same settings as the Nacos config (used when Nacos has "
         "none); re-read when it changes.",
     )
+
+    @field_validator("cuda_graph_batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, value: str) -> str:
+        return ",".join(map(str, parse_batch_sizes(value)))  # a clear error now for anything but 1,2,4...
 
     def resolved_threads(self) -> int:
         import os

@@ -1,17 +1,24 @@
 """The engine with the model on a CUDA device (--device cuda).
 
 Runs only where torch sees a GPU; skipped elsewhere (CI has none). Uses the tiny GLM-4 of test_models, its
-logits spread out so that float rounding between devices cannot flip a greedy choice.
+logits spread out so that float rounding between devices cannot flip a greedy choice. On CUDA the engine
+decodes through CUDA graphs by default (--cuda-graphs auto), so every test here replays graphs; the last ones
+check the graphs themselves. Needs no conftest (the GPU machine lacks grpc_tools):
+
+    python3 -m pytest tests/test_gpu.py -q --noconftest -p no:cacheprovider
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 
 import pytest
 import torch
 
+from model_service.llm import decode_runner
 from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.loader import load_model
 from model_service.llm.sampling import SamplingParams
@@ -136,3 +143,125 @@ def test_cuda_slots_with_staggered_joins_and_reused_slots_give_the_cpu_tokens(gl
     assert engine._slots is not None
     on_cpu, _ = run(cpu, "padded")
     assert on_gpu == on_cpu
+
+
+# ------------------------------------------------------------------ CUDA graphs (decode_runner.py)
+def _staggered(loaded, jobs, limits: EngineLimits):
+    """Each job alone, then all together (the first max_running_requests at once, the rest staggered into
+    slots that finished requests left); also the slot of every admission of the second run."""
+    async def main():
+        engine = Engine(loaded, limits)
+        engine.start()
+        admissions: list[int] = []
+        original = engine._scheduler.complete_prefill
+
+        def spy(plan, joined):
+            admissions.extend(s.slot for s in plan.sequences)
+            original(plan, joined)
+
+        engine._scheduler.complete_prefill = spy
+        try:
+            alone = [await _generate(engine, ids, max_tokens=n, temperature=0, ignore_eos=True) for ids, n in jobs]
+            admissions.clear()
+
+            async def late(ids, n, delay):
+                await asyncio.sleep(delay)
+                return await _generate(engine, ids, max_tokens=n, temperature=0, ignore_eos=True)
+
+            first = limits.max_running_requests
+            together = await asyncio.wait_for(asyncio.gather(
+                *(late(ids, n, 0 if i < first else 0.05 * i) for i, (ids, n) in enumerate(jobs))), timeout=300)
+            return alone, together, admissions, engine
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_changes(glm_dir, monkeypatch):
+    """Graphs captured at start-up, one per (rows, read length); requests join and leave through 3 slots reused
+    by later requests, so the batch moves between row buckets and read lengths mid-stream. Every step is a
+    replay, and every request gets its eager tokens: alone, batched, and the CPU engine's."""
+    monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)  # read lengths 16, 32, ..., 256: several per request
+    cpu, gpu = _load(glm_dir, "cpu"), _load(glm_dir, "cuda")
+    texts = PROMPTS + ["paris is the capital", " ".join(f"w{i}" for i in range(40))]
+    jobs = [(_ids(cpu, t), 6 + 5 * (i % 4) + (i == 7) * 20) for i, t in enumerate(texts)]
+    limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
+                          cuda_graph_batch_sizes=(1, 2))
+    alone, together, admissions, engine = _staggered(gpu, jobs, limits)
+    runner = engine._runner
+    assert runner is not None and runner.batch_sizes == (1, 2, 3) and runner.lengths == (16, 32, 64, 128, 256)
+    assert runner.graphs == 15 and runner.capture_seconds is not None  # captured, at start-up
+    steps = sum(runner.steps.values())
+    assert steps > 0 and runner.replays == steps  # every decode step was a graph replay
+    assert {1, 3} <= {rows for rows, _ in runner.steps}, runner.steps  # alone: 1 row; three at once: 3
+    assert {16, 32, 64} <= {length for _, length in runner.steps}, runner.steps
+    assert len(admissions) == len(jobs) and set(admissions) == {0, 1, 2}  # slots reused by new requests
+    assert together == alone
+    assert all(len(t) == n for t, (_, n) in zip(together, jobs))
+    eager_alone, _, _, eager = _staggered(gpu, jobs[:1], dataclasses.replace(limits, cuda_graphs="off"))
+    assert eager._runner is None and eager_alone == alone[:1]
+    on_cpu, _, _, _ = _staggered(cpu, jobs, dataclasses.replace(limits, kv_cache="padded", cuda_graphs="off"))
+    assert on_cpu == alone
+
+
+def test_a_graph_replayed_after_its_slot_changed_hands_gives_the_new_requests_tokens(glm_dir):
+    """transformers once replayed a stale graph after the cache changed: here B finishes, C (another prompt)
+    takes B's slot while A keeps decoding, and the same (2-row) graph now carries C."""
+    gpu = _load(glm_dir, "cuda")
+    a, b, c = (_ids(gpu, t) for t in ("what is the capital of france ?", "hello world", "w5 w6 w7 paris"))
+
+    async def main(limits):
+        engine = Engine(gpu, limits)
+        engine.start()
+        slots: dict[int, int] = {}
+        original = engine._scheduler.complete_prefill
+
+        def spy(plan, joined):
+            for seq in plan.sequences:
+                slots[len(slots)] = seq.slot  # admission order: A, B, C, C alone
+            original(plan, joined)
+
+        engine._scheduler.complete_prefill = spy
+        try:
+            greedy = {"temperature": 0, "ignore_eos": True}
+            task_a = asyncio.create_task(_generate(engine, a, max_tokens=120, **greedy))  # outlives B and C
+            await asyncio.sleep(0)
+            out_b = await _generate(engine, b, max_tokens=3, **greedy)
+            out_c = await _generate(engine, c, max_tokens=20, **greedy)
+            out_a = await task_a
+            alone_c = await _generate(engine, c, max_tokens=20, **greedy)
+            return out_a, out_b, out_c, alone_c, slots, engine
+        finally:
+            engine.shutdown()
+
+    limits = EngineLimits(max_running_requests=2, max_waiting_requests=4)
+    out_a, out_b, out_c, alone_c, slots, engine = asyncio.run(main(limits))
+    assert engine._runner.replays > 0
+    assert slots[1] == slots[2] == 1  # C got the slot B left
+    assert out_c == alone_c
+    eager = asyncio.run(main(dataclasses.replace(limits, cuda_graphs="off")))
+    assert eager[5]._runner is None
+    assert (out_a, out_b, out_c) == eager[:3]
+
+
+def test_a_failed_capture_is_logged_and_the_engine_decodes_eagerly(glm_dir, monkeypatch, caplog):
+    gpu = _load(glm_dir, "cuda")
+
+    def broken(self):
+        raise RuntimeError("capture broke")
+
+    monkeypatch.setattr(decode_runner.StaticDecodeRunner, "capture", broken)
+    with caplog.at_level(logging.WARNING, logger="model_service.llm.engine"):
+        engine = Engine(gpu, EngineLimits(max_running_requests=2))
+    assert engine._runner is None
+    assert "CUDA graph capture failed; decoding eagerly: RuntimeError: capture broke" in caplog.text
+
+    async def main():
+        engine.start()
+        try:
+            return await _generate(engine, _ids(gpu, "hello world"), max_tokens=8, temperature=0, ignore_eos=True)
+        finally:
+            engine.shutdown()
+
+    assert len(asyncio.run(main())) == 8

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode_runner import StaticDecodeRunner
 from .detokenizer import IncrementalDetokenizer
 from .errors import ServiceError
 from .kv_batch import PaddedKVBatch
@@ -69,6 +70,11 @@ class EngineLimits:
     kv_cache: str = "auto"
     kv_cache_tokens: int = 0  # tokens per slot; 0: the context length, or what fits the GPU's memory
     gpu_memory_utilization: float = 0.9  # share of the GPU's free memory (after the weights) the slots may take
+    # decode steps of fixed shape over the slot cache (decode_runner.py): "auto": captured as CUDA graphs where
+    # the slot cache is on a CUDA device; "on": the same, and an error elsewhere; "eager": the fixed-shape steps
+    # run without capture (any device); "off": eager steps shaped to the batch
+    cuda_graphs: str = "auto"
+    cuda_graph_batch_sizes: tuple[int, ...] = ()  # the batch buckets; (): decode_runner.default_batch_sizes
 
 
 @dataclass
@@ -130,13 +136,52 @@ class Engine:
                                                     max_decode_stall_s=limits.max_decode_stall_s))
         self._batch = PaddedKVBatch(self._num_layers)  # the running sequences' cache, rows in scheduler order
         self._slots = self._allocate_slots() if self._use_slots() else None  # or fixed slots, by scheduler slot
+        self._runner = self._static_decode() if self._slots is not None else None  # graphs: captured here
         self._chunk_kv: PaddedKVBatch | None = None  # the cache of the long prompt being prefilled in chunks
 
     def _use_slots(self) -> bool:
-        mode = self.limits.kv_cache
+        mode, graphs = self.limits.kv_cache, self.limits.cuda_graphs
         if mode not in ("auto", "padded", "slots"):
             raise ValueError(f"kv_cache must be auto, padded or slots, not {mode!r}")
-        return mode == "slots" or (mode == "auto" and self._device.type == "cuda")
+        if graphs not in ("auto", "on", "off", "eager"):
+            raise ValueError(f"cuda_graphs must be auto, on, off or eager, not {graphs!r}")
+        if graphs == "on" and self._device.type != "cuda":
+            raise ValueError(f"--cuda-graphs on needs a CUDA device; the model is on {self._device} "
+                             "(use auto, or eager for the same fixed-shape steps without capture)")
+        static = graphs in ("on", "eager")
+        if static and mode == "padded":
+            raise ValueError(f"--cuda-graphs {graphs} decodes over the slot cache: use --kv-cache slots or auto")
+        return mode == "slots" or (mode == "auto" and (self._device.type == "cuda" or static))
+
+    def _static_decode(self) -> StaticDecodeRunner | None:
+        """The fixed-shape decode runner, its graphs captured now (so the first request is not slow); None to
+        decode eagerly in shapes of the batch. A capture that fails leaves the engine serving, eagerly."""
+        graphs = self.limits.cuda_graphs
+        if graphs == "off" or (graphs == "auto" and self._device.type != "cuda"):
+            return None
+        runner = StaticDecodeRunner(self._model, self._slots, self._pad_id, self.limits.cuda_graph_batch_sizes)
+        if graphs == "eager":
+            log.info("decode: fixed-shape steps run eagerly (--cuda-graphs eager)",
+                     extra={"batch_sizes": list(runner.batch_sizes), "lengths": list(runner.lengths)})
+            return runner
+        try:
+            runner.capture()
+        except Exception as exc:  # noqa: BLE001 - whatever breaks capture, the pod must still serve
+            runner.discard_graphs()
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            log.warning("CUDA graph capture failed; decoding eagerly: %s: %s", type(exc).__name__, reason,
+                        extra={"error": type(exc).__name__})
+            try:
+                torch.cuda.synchronize(self._device)
+            except Exception:  # noqa: BLE001 - reported above; the first step will say more
+                pass
+            return None
+        log.info("CUDA graphs: %d decode graphs captured in %.1f s (batch sizes %s; read lengths %s)",
+                 runner.graphs, runner.capture_seconds, ",".join(map(str, runner.batch_sizes)),
+                 ",".join(map(str, runner.lengths)),
+                 extra={"graphs": runner.graphs, "seconds": round(runner.capture_seconds, 2),
+                        "batch_sizes": list(runner.batch_sizes), "lengths": list(runner.lengths)})
+        return runner
 
     def _allocate_slots(self) -> SlotKVCache:
         """Preallocate one KV slot per running request; lower the context length to what a slot holds."""
@@ -388,11 +433,14 @@ class Engine:
     def _decode(self, plan: Decode, events: list) -> None:
         running = plan.sequences
         if self._slots is not None:
-            ids, mask, positions, _ = self._slots.decode(
-                {s.slot: s.output_ids[-1] for s in running},
-                {s.slot: len(s.prompt_ids) + len(s.output_ids) - 1 for s in running},
-                self._pad_id, fixed_len=False)  # read only up to the longest row: no graph capture yet
-            logits = self._forward(ids, mask, positions, self._slots.cache)
+            last = {s.slot: s.output_ids[-1] for s in running}
+            positions = {s.slot: len(s.prompt_ids) + len(s.output_ids) - 1 for s in running}
+            if self._runner is not None:  # fixed shapes: a CUDA graph replay
+                logits = self._runner.decode(last, positions)
+            else:
+                ids, mask, position_ids, _ = self._slots.decode(last, positions, self._pad_id)
+                logits = self._forward(ids, mask, position_ids, self._slots.cache)
+            # logits row r is slot r's
             logits = logits[torch.tensor([s.slot for s in running], device=logits.device)]
         else:
             logits = self._decode_padded(running)

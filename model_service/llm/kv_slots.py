@@ -12,10 +12,10 @@ tells the cache, before each forward pass, where this step's tokens go (``write_
 and which slots attention reads (``read_rows``, ``read_len``), and passes the 4-D mask itself (transformers
 uses a 4-D mask as given).
 
-Decode runs over slot rows 0..n-1 (n: one past the highest slot in use, the scheduler hands out the
-lowest free slot first) and reads up to the longest row (in steps of 64), so a decode step's shapes
-repeat. For CUDA-graph capture (not done yet), ``decode_buckets`` rounds n up to a bucket and ``fixed_len``
-reads max_len, which makes every step of a bucket the same shape.
+An eager decode step (``decode``) runs over slot rows 0..n-1 (n: one past the highest slot in use, the
+scheduler hands out the lowest free slot first) and reads up to the longest row (in steps of 64), so a
+decode step's shapes repeat. The CUDA-graph decode (decode_runner.py) pads both to fixed buckets and binds
+its own preallocated buffers (``bind``), so every replay of a graph reads and writes the same tensors.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class SlotLayer(DynamicLayer):
 
 class SlotKVCache:
     def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, decode_buckets: tuple[int, ...] = ()) -> None:
+                 dtype: torch.dtype, device: torch.device | str) -> None:
         self.slots, self.max_len = slots, max_len
         self.scratch = max_len  # the column nobody reads
         self.device = torch.device(device)
@@ -61,7 +61,6 @@ class SlotKVCache:
         self.layers = [SlotLayer(self, torch.zeros(shape, dtype=dtype, device=device),
                                  torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
         self.cache = Cache(layers=self.layers)
-        self.decode_buckets = tuple(sorted(b for b in decode_buckets if b <= slots))
         # set before every forward pass
         self.write_rows = self.write_cols = torch.zeros((0, 0), dtype=torch.long)
         self.read_rows: slice | None = None
@@ -76,7 +75,9 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
 
-    def _set(self, rows: torch.Tensor, cols: torch.Tensor, read_rows: slice | None, read_len: int) -> None:
+    def bind(self, rows: torch.Tensor, cols: torch.Tensor, read_rows: slice | None, read_len: int) -> None:
+        """Where the next forward pass writes (token j of row i to slot ``rows[i, j]``, column ``cols[i, j]``)
+        and what it reads (slots ``read_rows``, columns ``:read_len``; None: only this step's tokens)."""
         self.write_rows = rows.to(self.device, non_blocking=True)
         self.write_cols = cols.to(self.device, non_blocking=True)
         self.read_rows, self.read_len = read_rows, read_len
@@ -101,7 +102,7 @@ class SlotKVCache:
         mask = mask | ~real[:, None, :, None]  # padding queries see everything (their output is discarded)
         cols = torch.where(real, positions, torch.full_like(positions, self.scratch))
         rows = torch.tensor(slots, dtype=torch.long)[:, None].expand(-1, width)
-        self._set(rows, cols, None, width)
+        self.bind(rows, cols, None, width)
         return input_ids, mask, positions.clamp(min=0)
 
     def prefill_chunk(self, prompt: list[int], slot: int, start: int, end: int):
@@ -109,32 +110,22 @@ class SlotKVCache:
         input_ids = torch.tensor([prompt[start:end]], dtype=torch.long)
         positions = torch.arange(start, end)[None, :]
         mask = (torch.arange(end)[None, :] <= positions[0][:, None])[None, None]  # [1, 1, T, end]
-        self._set(torch.full((1, end - start), slot, dtype=torch.long), positions, slice(slot, slot + 1), end)
+        self.bind(torch.full((1, end - start), slot, dtype=torch.long), positions, slice(slot, slot + 1), end)
         return input_ids, mask, positions
 
-    def decode_rows(self, highest_slot: int) -> int:
-        """Rows a decode step runs over: one past the highest slot in use, rounded up to a bucket if any."""
-        needed = highest_slot + 1
-        for bucket in self.decode_buckets:
-            if bucket >= needed:
-                return bucket
-        return needed
-
-    def decode(self, last_tokens: dict[int, int], positions: dict[int, int], pad_id: int, fixed_len: bool):
-        """One token per slot in ``last_tokens`` at ``positions[slot]``; idle rows up to the row count are
+    def decode(self, last_tokens: dict[int, int], positions: dict[int, int], pad_id: int):
+        """One token per slot in ``last_tokens`` at ``positions[slot]``; idle rows up to the highest slot are
         padding (written to the scratch column, attending to column 0). Returns (input_ids, mask,
-        position_ids, rows); logits row r belongs to slot r."""
-        rows = self.decode_rows(max(last_tokens))
+        position_ids, rows); logits row r belongs to slot r. Reads only as far as the longest row, in steps
+        of 64 so shapes repeat."""
+        rows = max(last_tokens) + 1
         input_ids = torch.full((rows, 1), pad_id, dtype=torch.long)
         pos = torch.zeros(rows, dtype=torch.long)
         cols = torch.full((rows,), self.scratch, dtype=torch.long)
         for slot, token in last_tokens.items():
             input_ids[slot, 0] = token
             pos[slot] = cols[slot] = positions[slot]
-        if fixed_len:
-            read_len = self.max_len
-        else:  # the CPU reads only as far as the longest row, in steps of 64 so shapes repeat
-            read_len = min(self.max_len, (int(pos.max()) // 64 + 1) * 64)
+        read_len = min(self.max_len, (int(pos.max()) // 64 + 1) * 64)
         mask = torch.arange(read_len)[None, :] <= pos[:, None]  # [rows, read_len]: idle rows see column 0
-        self._set(torch.arange(rows)[:, None], cols[:, None], slice(0, rows), read_len)
+        self.bind(torch.arange(rows)[:, None], cols[:, None], slice(0, rows), read_len)
         return input_ids, mask[:, None, None, :], pos[:, None], rows

@@ -11,7 +11,7 @@ import threading
 
 import uvicorn
 
-from model_service.config import Settings
+from model_service.config import Settings, parse_batch_sizes
 from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.loader import ModelLoadError, load_model, resolve_model_source
 
@@ -55,6 +55,8 @@ def engine_limits(settings: Settings) -> EngineLimits:
         kv_cache=settings.kv_cache,
         kv_cache_tokens=settings.kv_cache_tokens,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        cuda_graphs=settings.cuda_graphs,
+        cuda_graph_batch_sizes=parse_batch_sizes(settings.cuda_graph_batch_sizes),
     )
 
 
@@ -132,6 +134,7 @@ async def serve(settings: Settings) -> int:
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({load_task, stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
 
+    engine = None
     if load_task.done() and not stop.is_set() and not http_task.done():
         try:
             loaded = load_task.result()
@@ -144,7 +147,13 @@ async def serve(settings: Settings) -> int:
             service.phase, exit_code = Phase.FAILED, 1
             stop.set()
         else:
-            engine = Engine(loaded, engine_limits(settings), service.metrics)
+            try:  # off the event loop: allocating the KV slots and capturing CUDA graphs take seconds on a GPU
+                engine = await _in_daemon_thread(lambda: Engine(loaded, engine_limits(settings), service.metrics))
+            except ValueError as exc:  # the engine's settings do not fit this device
+                log.error("cannot start: %s", exc)
+                service.phase, exit_code = Phase.FAILED, 2
+                stop.set()
+        if engine is not None:
             engine.start()
             service.attach_engine(engine)
             service.phase = Phase.READY

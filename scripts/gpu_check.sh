@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 14 in one go, on a machine where torch sees a CUDA GPU (a few minutes on an H100/H200):
+# tests/test_gpu.py (the engine on CUDA, its CUDA graphs replaying the right tokens), then the benches of
+# `make bench-gpu`.
+# Logs and the bench/results/gpu*.md it writes are copied to $OUT when set (the device machine's result folder).
+#
+#     bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
+export PYTHONUNBUFFERED=1
+DEST=${OUT:-}
+log() { if [ -n "$DEST" ]; then tee -a "$DEST/$1"; else cat; fi; }
+$PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
+         "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())' 2>&1 | log gpu-check.log
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | log gpu-check.log
+# no conftest: it builds gRPC stubs, and a GPU machine may lack grpc_tools; test_gpu.py needs none of it
+$PY -m pytest tests/test_gpu.py -q --noconftest -p no:cacheprovider 2>&1 | log gpu-check.log
+tests=$?
+# what `make bench-gpu` runs (a GPU machine may have no make)
+bench=0
+for args in "bench/bench_gpu_glm.py" "bench/bench_gpu.py --dtype bfloat16" \
+            "bench/bench_gpu.py --dtype float32 --out bench/results/gpu-float32.md"; do
+  $PY $args 2>&1 | log gpu-check.log || bench=1
+done
+[ -n "$DEST" ] && cp bench/results/gpu*.md "$DEST"/ 2>/dev/null
+echo "tests exit $tests, bench exit $bench" | log gpu-check.log
+exit $(( tests || bench ))

@@ -1,0 +1,130 @@
+"""Decode steps of fixed shape (decode_runner.py): the path CUDA graphs replay, run eagerly on the CPU.
+
+``--cuda-graphs eager`` runs the very steps a graph records (preallocated buffers, batch padded to a bucket,
+keys read up to a length bucket, the mask computed from the position buffer) without capturing them, so
+everything but the capture itself is checked here, token for token; tests/test_gpu.py checks the capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import chat_ids
+from model_service.config import Settings, parse_batch_sizes
+from model_service.llm import decode_runner
+from model_service.llm.decode_runner import default_batch_sizes, length_buckets
+from model_service.llm.engine import Engine, EngineLimits
+from model_service.llm.loader import load_model
+from test_kv_slots import staggered_run
+from tiny_models import build_tiny_glm
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("glm-static")
+    build_tiny_glm(path)
+    loaded = load_model(str(path))
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(40)  # spread logits: greedy paths differ by prompt
+    return loaded
+
+
+def test_buckets():
+    assert default_batch_sizes(64) == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    assert default_batch_sizes(256) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    assert default_batch_sizes(100)[-3:] == (64, 96, 100)
+    assert default_batch_sizes(3) == (1, 2, 3)
+    assert default_batch_sizes(1) == (1,)
+    assert length_buckets(448) == (256, 448)
+    assert length_buckets(2048) == (256, 512, 1024, 2048)
+    assert length_buckets(100) == (100,)
+
+
+def test_batch_sizes_flag_and_env(monkeypatch):
+    assert parse_batch_sizes("") == ()
+    assert parse_batch_sizes(" 8,1,2,2 ") == (1, 2, 8)
+    for bad in ("1,two", "0,4", "1,,2"):
+        with pytest.raises(ValueError):
+            parse_batch_sizes(bad)
+    settings = Settings(_cli_parse_args=["--cuda-graphs", "eager", "--cuda-graph-batch-sizes", "4,1,2"])
+    assert settings.cuda_graphs == "eager" and settings.cuda_graph_batch_sizes == "1,2,4"
+    monkeypatch.setenv("MODEL_SERVICE_CUDA_GRAPHS", "off")
+    monkeypatch.setenv("MODEL_SERVICE_CUDA_GRAPH_BATCH_SIZES", "1,3")
+    settings = Settings(_cli_parse_args=[])
+    assert settings.cuda_graphs == "off" and settings.cuda_graph_batch_sizes == "1,3"
+    with pytest.raises(ValueError, match="comma"):
+        Settings(_cli_parse_args=["--cuda-graph-batch-sizes", "1;2"])
+
+
+def test_static_decode_is_off_on_the_cpu_by_default_and_refused_where_it_cannot_run(glm):
+    assert Engine(glm, EngineLimits())._runner is None  # auto: the CPU keeps its padded cache, unchanged
+    assert Engine(glm, EngineLimits(kv_cache="slots"))._runner is None
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Engine(glm, EngineLimits(cuda_graphs="on"))
+    with pytest.raises(ValueError, match="--kv-cache slots or auto"):
+        Engine(glm, EngineLimits(cuda_graphs="eager", kv_cache="padded"))
+    engine = Engine(glm, EngineLimits(max_running_requests=5, cuda_graphs="eager",
+                                      cuda_graph_batch_sizes=(2, 4, 16)))
+    assert engine._slots is not None  # eager static steps imply the slot cache
+    assert engine._runner.batch_sizes == (2, 4, 5) and engine._runner.graphs == 0
+
+
+def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, monkeypatch):
+    """Staggered joins and leaves through 3 slots reused by later requests; the batch moves between row
+    buckets (1, 2, 3) and read lengths (16, 32, 64, ...) mid-stream; every request's greedy tokens equal its
+    tokens alone and the padded cache's (an independent implementation)."""
+    monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)
+    words = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
+             "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
+             " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks
+    jobs = [(glm.tokenizer(w, add_special_tokens=False).input_ids, 6 + 5 * (i % 4) + (i == 7) * 20)
+            for i, w in enumerate(words)]
+    limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
+                          cuda_graphs="eager", cuda_graph_batch_sizes=(1, 2))
+    alone, together, slots, engine = staggered_run(glm, jobs, limits)
+    runner = engine._runner
+    assert runner is not None and runner.batch_sizes == (1, 2, 3)
+    assert together == alone
+    assert all(len(t) == n for t, (_, n) in zip(together, jobs))
+    assert len(slots) == len(jobs) and {slot for _, slot in slots} == {0, 1, 2}  # slots reused
+    rows_used = {rows for rows, _ in runner.steps}
+    lengths_used = {length for _, length in runner.steps}
+    assert {1, 3} <= rows_used, runner.steps  # alone: 1 row; three at once: 3
+    assert {16, 32, 64} <= lengths_used, runner.steps
+    assert runner.replays == 0  # eager: nothing captured on the CPU
+    padded, _, _, _ = staggered_run(glm, jobs, EngineLimits(max_running_requests=3, max_prefill_tokens=16,
+                                                             kv_cache="padded"))
+    assert padded == alone
+
+
+def test_embedded_model_fixed_shape_steps_batched_equal_alone(smollm):
+    assert smollm.dtype == "float32"  # batch invariance is a float32 guarantee
+    questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea.",
+                 "What is 2+2?"]
+    jobs = [(chat_ids(smollm.tokenizer, q), 8 + 4 * i) for i, q in enumerate(questions)]
+    alone, together, slots, engine = staggered_run(
+        smollm, jobs, EngineLimits(max_running_requests=3, max_waiting_requests=8, kv_cache_tokens=256,
+                                   cuda_graphs="eager"))
+    assert together == alone
+    assert len({slot for _, slot in slots}) == 3
+    assert len({rows for rows, _ in engine._runner.steps}) > 1
+    # and transformers' own greedy generate (its own cache and masks) gives the same tokens
+    with torch.inference_mode():
+        for (ids, n), tokens in zip(jobs, alone):
+            out = smollm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=n, do_sample=False, pad_token_id=smollm.eos_token_ids[0])
+            reference = out[0, len(ids):].tolist()  # up to its end of turn (the engine ignored eos and went on)
+            assert len(reference) >= 4 and tokens[:len(reference)] == reference
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_graphs_on_without_a_gpu_is_a_clear_startup_error():
+    """The engine's settings are checked when the model has loaded: a clear line and exit 2, no traceback."""
+    from test_models import run_serve
+
+    result = run_serve("--cuda-graphs", "on", "--log-format", "text")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot start: --cuda-graphs on needs a CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
