@@ -1,12 +1,19 @@
 """Per-request sampling parameters and the batched sampler.
 
-One decode step produces logits for every running sequence; each row is sampled with its own
-parameters and its own seeded generator, so a request's output does not depend on who else is in
-the batch.
+One decode step produces logits for every running sequence. The sampler treats the whole batch at once,
+on the logits' device: penalties, temperature, top-k and top-p are batched tensor ops, each row with its
+own parameters, and the only host sync is the final ``.tolist()`` of the chosen ids.
+
+Randomness is counter-based, so a request's tokens do not depend on who else is in the batch or in which
+row it sits: the draw for a request's n-th generated token is a uniform number hashed on the host from
+(seed, n), turned into a token by inverse CDF over that row's filtered distribution (in vocabulary order).
+No generator state is shared between rows or kept on the device. A request without a seed gets a random
+one at admission.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -34,77 +41,209 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finalizer: a bijection on 64-bit integers in which every output bit depends on every input bit."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def draw_uniform(seed: int, step: int) -> float:
+    """The uniform number in (0, 1] that a request seeded with ``seed`` draws for its ``step``-th token."""
+    z = _mix64((seed + _mix64((step + 0x9E3779B97F4A7C15) & _MASK64)) & _MASK64)
+    return ((z >> 11) + 1) * 2.0**-53  # 53 random bits; never 0, so the draw always lands on a kept token
+
+
 @dataclass
 class SamplerState:
     """What the sampler keeps per sequence between steps."""
 
     params: SamplingParams
     prompt_ids: list[int]
-    generator: torch.Generator | None = None
+    seed: int = field(init=False)
+    step: int = 0  # tokens generated so far: the counter of the next draw
     output_counts: dict[int, int] = field(default_factory=dict)  # token id -> times generated
-    prompt_token_set: frozenset[int] = frozenset()  # for repetition_penalty, built once per request
+    # for repetition_penalty: the prompt's distinct ids (built once per request) and the generated ids not
+    # among them, in first-seen order
+    _prompt_unique: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _prompt_set: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+    _new_seen: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(64)
+        self.seed = seed & _MASK64
         if self.params.repetition_penalty != 1.0:
-            self.prompt_token_set = frozenset(self.prompt_ids)
-        if not self.params.greedy:
-            self.generator = torch.Generator()
-            if self.params.seed is not None:
-                self.generator.manual_seed(self.params.seed)
-            else:
-                self.generator.seed()
+            self._prompt_set = frozenset(self.prompt_ids)
+            self._prompt_unique = torch.tensor(sorted(self._prompt_set), dtype=torch.long)
 
     def record(self, token_id: int) -> None:
-        if self.params.penalized:
-            self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        self.step += 1
+        if not self.params.penalized:
+            return
+        seen = self.output_counts.get(token_id, 0)
+        self.output_counts[token_id] = seen + 1
+        if not seen and self._prompt_unique is not None and token_id not in self._prompt_set:
+            self._new_seen.append(token_id)
+
+    def repetition_ids(self) -> torch.Tensor:
+        """The distinct ids of the prompt and the output so far (on the CPU)."""
+        if not self._new_seen:
+            return self._prompt_unique
+        return torch.cat([self._prompt_unique, torch.tensor(self._new_seen, dtype=torch.long)])
 
 
-def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
-    p = state.params
-    if p.repetition_penalty != 1.0:
+# On the CPU, top-p first looks at this many best tokens per row (a partial sort) and sorts a whole row only
+# where the nucleus is larger; elsewhere a full sort is cheap and needs no host sync to decide.
+_CPU_NUCLEUS_CANDIDATES = 1024
+
+
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, copied without waiting for the device."""
+    tensor = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _apply_penalties(x: torch.Tensor, states: list[SamplerState]) -> None:
+    """Penalise ``x`` [batch, vocab] in place, every row at once (sparse: only the ids a row has seen)."""
+    rep_ids, rep_rows, penalties = [], [], []
+    pf_ids, pf_rows, pf_amounts = [], [], []
+    for row, state in enumerate(states):
+        p = state.params
+        if p.repetition_penalty != 1.0:
+            ids = state.repetition_ids()
+            rep_ids.append(ids)
+            rep_rows.append(torch.full_like(ids, row))
+        penalties.append(p.repetition_penalty)
+        if state.output_counts and (p.presence_penalty or p.frequency_penalty):
+            for token, count in state.output_counts.items():
+                pf_ids.append(token)
+                pf_rows.append(row)
+                pf_amounts.append(count * p.frequency_penalty + p.presence_penalty)
+    device = x.device
+    if rep_ids:
         # HF/vLLM semantics: over prompt and output tokens, shrink positive logits, grow negative ones.
-        seen = torch.tensor(sorted(state.prompt_token_set | state.output_counts.keys()), dtype=torch.long)
-        values = row[seen]
-        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if state.output_counts and (p.presence_penalty or p.frequency_penalty):
-        # OpenAI semantics: over generated tokens only.
-        ids = torch.tensor(list(state.output_counts.keys()), dtype=torch.long)
-        counts = torch.tensor(list(state.output_counts.values()), dtype=row.dtype)
-        row[ids] -= counts * p.frequency_penalty + p.presence_penalty
-    return row
+        rows, ids = torch.cat(rep_rows), torch.cat(rep_ids)
+        in_vocab = ids < x.shape[1]
+        if not in_vocab.all():  # ids the output head has no column for (a larger embedding) can't be generated
+            rows, ids = rows[in_vocab], ids[in_vocab]
+        rows = rows.to(device, non_blocking=True)
+        index = (rows, ids.to(device, non_blocking=True))
+        penalty = _to_device(penalties, torch.float32, device)[rows]
+        values = x[index]
+        x[index] = torch.where(values > 0, values / penalty, values * penalty)
+    if pf_ids:
+        # OpenAI semantics: over generated tokens only, logit -= count * frequency + presence.
+        index = (_to_device(pf_rows, torch.long, device), _to_device(pf_ids, torch.long, device))
+        x.index_put_(index, -_to_device(pf_amounts, torch.float32, device), accumulate=True)
 
 
-def _sample_row(row: torch.Tensor, state: SamplerState) -> int:
-    p = state.params
-    if p.greedy:
-        return int(torch.argmax(row))
-    row = row / p.temperature
-    if p.top_k > 0 and p.top_k < row.shape[-1]:
-        values, indices = torch.topk(row, p.top_k)
-    else:
-        values, indices = torch.sort(row, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    if p.top_p < 1.0:
-        cumulative = torch.cumsum(probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = (cumulative - probs) < p.top_p
-        probs = probs * keep
-    choice = torch.multinomial(probs, 1, generator=state.generator)
-    return int(indices[choice])
+def _nucleus_threshold(candidates: torch.Tensor, row_max: torch.Tensor, total: torch.Tensor,
+                       top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest logit top-p keeps per row, and whether ``candidates`` held the whole nucleus.
+
+    ``candidates`` are a row's best logits in descending order (all of them, or the first few);
+    ``total`` is the row's sum of exp(logit - row_max) over every token still in the running.
+    Keeps the smallest prefix whose probability reaches top_p, at least one token (HF's TopPLogitsWarper).
+    """
+    probs = torch.exp(candidates - row_max) / total
+    cumulative = torch.cumsum(probs, dim=-1)
+    kept = ((cumulative - probs) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+    threshold = candidates.gather(1, kept - 1)
+    complete = (cumulative[:, -1:] >= top_p) | (candidates[:, -1:] == float("-inf"))
+    return threshold, complete
+
+
+@dataclass
+class _Filtered:
+    logits: torch.Tensor  # [batch, vocab] float32: penalised, divided by temperature (greedy rows: by 1)
+    threshold: torch.Tensor | None  # [batch, 1]: top-k/top-p drop tokens below it; None: no row filters
+    weights: torch.Tensor  # exp(logit - row max), 0 where dropped: the unnormalised distribution
+    greedy: list[bool]
+
+
+def _filter(logits: torch.Tensor, states: list[SamplerState]) -> _Filtered:
+    params = [s.params for s in states]
+    greedy = [p.greedy for p in params]
+    batch, vocab = logits.shape
+    device = logits.device
+
+    x = logits.float()
+    if any(p.penalized for p in params):
+        if x.data_ptr() == logits.data_ptr():
+            x = x.clone()  # never write into the caller's logits
+        _apply_penalties(x, states)
+    temperatures = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+    if any(t != 1.0 for t in temperatures):
+        x = x / _to_device(temperatures, torch.float32, device).unsqueeze(1)
+
+    top_k = [p.top_k if not g and 0 < p.top_k < vocab else 0 for p, g in zip(params, greedy)]
+    top_p = [p.top_p if not g else 1.0 for p, g in zip(params, greedy)]
+    nucleus = any(tp < 1.0 for tp in top_p)
+    if not any(top_k) and not nucleus:
+        return _Filtered(x, None, torch.exp(x - x.amax(dim=-1, keepdim=True)), greedy)
+
+    # The best logits of every row, sorted: enough of them for the largest top-k, and for top-p either the
+    # row's own top-k or (a first guess on the CPU) _CPU_NUCLEUS_CANDIDATES.
+    nucleus_guess = min(vocab, _CPU_NUCLEUS_CANDIDATES) if device.type == "cpu" else vocab
+    wanted = max([k for k in top_k] + [k or nucleus_guess for k, tp in zip(top_k, top_p) if tp < 1.0])
+    candidates = (x.topk(wanted, dim=-1).values if wanted < vocab
+                  else x.sort(dim=-1, descending=True).values)
+    row_max = candidates[:, :1]
+    weights = torch.exp(x - row_max)
+    threshold = None
+    if any(top_k):
+        k = _to_device(top_k, torch.long, device).unsqueeze(1)
+        # HF's TopKLogitsWarper: drop what is below the k-th best logit (ties with it stay)
+        threshold = torch.where(k > 0, candidates.gather(1, (k - 1).clamp(min=0)), float("-inf"))
+        weights = weights.masked_fill(x < threshold, 0.0)
+        candidates = candidates.masked_fill(candidates < threshold, float("-inf"))
+    if nucleus:
+        # Sequential per-row sums (cumsum) rather than a reduction: the same result whatever the batch.
+        cum_dtype = torch.float32 if device.type == "cpu" else torch.float64  # CPU cumsum accumulates in double
+        total = torch.cumsum(weights, dim=-1, dtype=cum_dtype)[:, -1:].float()
+        p = _to_device(top_p, torch.float32, device).unsqueeze(1)
+        nucleus_threshold, complete = _nucleus_threshold(candidates, row_max, total, p)
+        if wanted < vocab:  # only on the CPU: a host sync is free there
+            incomplete = ((p < 1.0) & ~complete).squeeze(1).nonzero().squeeze(1)
+            if len(incomplete):
+                masked = x[incomplete] if threshold is None else x[incomplete].masked_fill(
+                    x[incomplete] < threshold[incomplete], float("-inf"))
+                whole = masked.sort(dim=-1, descending=True).values
+                nucleus_threshold[incomplete] = _nucleus_threshold(
+                    whole, row_max[incomplete], total[incomplete], p[incomplete])[0]
+        nucleus_threshold = torch.where(p < 1.0, nucleus_threshold, float("-inf"))
+        weights = weights.masked_fill(x < nucleus_threshold, 0.0)
+        threshold = nucleus_threshold if threshold is None else torch.maximum(threshold, nucleus_threshold)
+    return _Filtered(x, threshold, weights, greedy)
+
+
+def filtered_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """The logits each row samples from ([batch, vocab] float32): penalised, divided by temperature, -inf
+    outside top-k and top-p; a row's softmax is its sampling distribution. Greedy rows: penalised only
+    (their token is the argmax). For tests and debugging; ``sample_next_tokens`` uses the same steps."""
+    f = _filter(logits, states)
+    return f.logits if f.threshold is None else f.logits.masked_fill(f.logits < f.threshold, float("-inf"))
 
 
 def sample_next_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
-    """Pick one token per row of ``logits`` ([batch, vocab])."""
-    logits = logits.float()
+    """Pick one token per row of ``logits`` ([batch, vocab]) and return them (the step's one host sync)."""
     if all(s.params.greedy and not s.params.penalized for s in states):
         return torch.argmax(logits, dim=-1).tolist()  # the common fast path: one op for the batch
-    # Per-request samplers (penalties, seeded CPU generators) work row by row on the CPU: one copy of the
-    # logits, and a seed gives the same tokens whatever the device.
-    logits = logits.cpu()
-    tokens = []
-    for i, state in enumerate(states):
-        row = logits[i]
-        if state.params.penalized:
-            row = _apply_penalties(row.clone(), state)
-        tokens.append(_sample_row(row, state))
-    return tokens
+    f = _filter(logits, states)
+    device = logits.device
+    greedy_ids = f.logits.argmax(dim=-1) if any(f.greedy) else None
+    if all(f.greedy):
+        return greedy_ids.tolist()
+    # Inverse CDF: the first token whose cumulative weight reaches u * total. u > 0 and every row keeps its
+    # best token (weight 1), so the chosen token always has a weight > 0.
+    cumulative = torch.cumsum(f.weights, dim=-1, dtype=torch.float32 if device.type == "cpu" else torch.float64)
+    u = _to_device([draw_uniform(s.seed, s.step) for s in states], cumulative.dtype, device).unsqueeze(1)
+    sampled = torch.searchsorted(cumulative, u * cumulative[:, -1:]).squeeze(1)
+    if greedy_ids is not None:
+        sampled = torch.where(_to_device(f.greedy, torch.bool, device), greedy_ids, sampled)
+    return sampled.tolist()
