@@ -14,6 +14,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from model_service.llm import sampling
 from model_service.llm.sampling import SamplerState, SamplingParams, filtered_logits, sample_next_tokens
 
 PROMPT = [3, 17, 17, 42, 99, 256, 1000]
@@ -242,6 +243,18 @@ def test_sampling_does_not_write_into_the_callers_logits():
     states[1].record(5)
     sample_next_tokens(logits, states)
     assert torch.equal(logits, before)
+
+
+def test_cpu_shortcut_picks_the_token_the_whole_vocabulary_gives():
+    """On the CPU a filtered row is sampled among its candidates; a GPU samples across the whole
+    vocabulary. Both must give the same token for the same draw."""
+    vocab, rows = 8192, 64
+    logits = _logits(rows, vocab, 51, 1.0)
+    states = [_state(**{**REQUESTS[i % 5], "seed": i}) for i in range(rows)]
+    f = sampling._filter(logits, states)
+    u = torch.tensor([[sampling.draw_uniform(s.seed, s.step)] for s in states], dtype=torch.float64)
+    whole = sampling._inverse_cdf(None, f.logits, f.row_max, f.threshold, u)
+    assert sample_next_tokens(logits, states) == whole.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

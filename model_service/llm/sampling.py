@@ -161,9 +161,16 @@ def _nucleus_threshold(candidates: torch.Tensor, row_max: torch.Tensor, total: t
 @dataclass
 class _Filtered:
     logits: torch.Tensor  # [batch, vocab] float32: penalised, divided by temperature (greedy rows: by 1)
-    threshold: torch.Tensor | None  # [batch, 1]: top-k/top-p drop tokens below it; None: no row filters
-    weights: torch.Tensor  # exp(logit - row max), 0 where dropped: the unnormalised distribution
     greedy: list[bool]
+    threshold: torch.Tensor | None = None  # [batch, 1]: top-k/top-p drop what is below; None: no row filters
+    row_max: torch.Tensor | None = None  # [batch, 1], set with threshold
+    candidates: torch.Tensor | None = None  # [batch, n]: each row's n best logits, descending
+    candidate_ids: torch.Tensor | None = None  # their token ids
+
+
+def _cum_dtype(device: torch.device) -> torch.dtype:
+    # Cumulative sums: the CPU's float32 cumsum accumulates in double; elsewhere ask for double.
+    return torch.float32 if device.type == "cpu" else torch.float64
 
 
 def _filter(logits: torch.Tensor, states: list[SamplerState]) -> _Filtered:
@@ -185,41 +192,39 @@ def _filter(logits: torch.Tensor, states: list[SamplerState]) -> _Filtered:
     top_p = [p.top_p if not g else 1.0 for p, g in zip(params, greedy)]
     nucleus = any(tp < 1.0 for tp in top_p)
     if not any(top_k) and not nucleus:
-        return _Filtered(x, None, torch.exp(x - x.amax(dim=-1, keepdim=True)), greedy)
+        return _Filtered(x, greedy)
 
     # The best logits of every row, sorted: enough of them for the largest top-k, and for top-p either the
     # row's own top-k or (a first guess on the CPU) _CPU_NUCLEUS_CANDIDATES.
     nucleus_guess = min(vocab, _CPU_NUCLEUS_CANDIDATES) if device.type == "cpu" else vocab
-    wanted = max([k for k in top_k] + [k or nucleus_guess for k, tp in zip(top_k, top_p) if tp < 1.0])
-    candidates = (x.topk(wanted, dim=-1).values if wanted < vocab
-                  else x.sort(dim=-1, descending=True).values)
+    wanted = max(top_k + [k or nucleus_guess for k, tp in zip(top_k, top_p) if tp < 1.0])
+    candidates, candidate_ids = x.topk(wanted, dim=-1) if wanted < vocab else x.sort(dim=-1, descending=True)
     row_max = candidates[:, :1]
-    weights = torch.exp(x - row_max)
-    threshold = None
+    threshold = torch.full((batch, 1), float("-inf"), device=device)
     if any(top_k):
         k = _to_device(top_k, torch.long, device).unsqueeze(1)
         # HF's TopKLogitsWarper: drop what is below the k-th best logit (ties with it stay)
-        threshold = torch.where(k > 0, candidates.gather(1, (k - 1).clamp(min=0)), float("-inf"))
-        weights = weights.masked_fill(x < threshold, 0.0)
-        candidates = candidates.masked_fill(candidates < threshold, float("-inf"))
+        threshold = torch.where(k > 0, candidates.gather(1, (k - 1).clamp(min=0)), threshold)
     if nucleus:
-        # Sequential per-row sums (cumsum) rather than a reduction: the same result whatever the batch.
-        cum_dtype = torch.float32 if device.type == "cpu" else torch.float64  # CPU cumsum accumulates in double
-        total = torch.cumsum(weights, dim=-1, dtype=cum_dtype)[:, -1:].float()
+        # Probabilities under the top-k-filtered distribution; the normaliser as a sequential per-row sum
+        # (cumsum) rather than a reduction, which would round differently for a batch of one.
+        weights = torch.exp(x - row_max)
+        if any(top_k):
+            weights.masked_fill_(x < threshold, 0.0)
+        total = torch.cumsum(weights, dim=-1, dtype=_cum_dtype(device))[:, -1:].float()
         p = _to_device(top_p, torch.float32, device).unsqueeze(1)
-        nucleus_threshold, complete = _nucleus_threshold(candidates, row_max, total, p)
+        in_top_k = candidates.masked_fill(candidates < threshold, float("-inf"))
+        nucleus_threshold, complete = _nucleus_threshold(in_top_k, row_max, total, p)
         if wanted < vocab:  # only on the CPU: a host sync is free there
             incomplete = ((p < 1.0) & ~complete).squeeze(1).nonzero().squeeze(1)
             if len(incomplete):
-                masked = x[incomplete] if threshold is None else x[incomplete].masked_fill(
-                    x[incomplete] < threshold[incomplete], float("-inf"))
-                whole = masked.sort(dim=-1, descending=True).values
+                rows = x[incomplete]
+                whole = rows.masked_fill(rows < threshold[incomplete], float("-inf")).sort(
+                    dim=-1, descending=True).values
                 nucleus_threshold[incomplete] = _nucleus_threshold(
                     whole, row_max[incomplete], total[incomplete], p[incomplete])[0]
-        nucleus_threshold = torch.where(p < 1.0, nucleus_threshold, float("-inf"))
-        weights = weights.masked_fill(x < nucleus_threshold, 0.0)
-        threshold = nucleus_threshold if threshold is None else torch.maximum(threshold, nucleus_threshold)
-    return _Filtered(x, threshold, weights, greedy)
+        threshold = torch.where(p < 1.0, torch.maximum(threshold, nucleus_threshold), threshold)
+    return _Filtered(x, greedy, threshold, row_max, candidates, candidate_ids)
 
 
 def filtered_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
@@ -228,6 +233,48 @@ def filtered_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
     (their token is the argmax). For tests and debugging; ``sample_next_tokens`` uses the same steps."""
     f = _filter(logits, states)
     return f.logits if f.threshold is None else f.logits.masked_fill(f.logits < f.threshold, float("-inf"))
+
+
+def _inverse_cdf(ids: torch.Tensor | None, logits: torch.Tensor, row_max: torch.Tensor,
+                 threshold: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """The first token (in ascending id order) whose cumulative weight exp(logit - row_max) reaches u * total.
+
+    ``logits`` holds a row's tokens in ascending id order: the whole vocabulary (``ids`` None) or the
+    candidates listed in ``ids``. Dropped tokens weigh 0 and add nothing to a sum, so the candidates that
+    hold every kept token give the same token as the whole row. u > 0 and the best token weighs 1, so the
+    chosen token always weighs more than 0.
+    """
+    weights = torch.exp(logits - row_max)
+    if threshold is not None:
+        weights.masked_fill_(logits < threshold, 0.0)
+    cumulative = torch.cumsum(weights, dim=-1, dtype=_cum_dtype(logits.device))
+    chosen = torch.searchsorted(cumulative, u.to(cumulative.dtype) * cumulative[:, -1:])
+    return (chosen if ids is None else ids.gather(1, chosen)).squeeze(1)
+
+
+def _sample(f: _Filtered, u: torch.Tensor) -> torch.Tensor:
+    x = f.logits
+    if f.threshold is None:
+        return _inverse_cdf(None, x, x.amax(dim=-1, keepdim=True), None, u)
+    if x.device.type != "cpu":
+        return _inverse_cdf(None, x, f.row_max, f.threshold, u)  # whole rows: no host sync to choose
+    # On the CPU, a filtered row whose kept tokens are all among its candidates is sampled there, in id
+    # order, instead of across the vocabulary: the same token at a fraction of the cost.
+    tokens = torch.zeros(x.shape[0], dtype=torch.long)
+    sampled = ~torch.tensor(f.greedy)
+    filtered = f.threshold.squeeze(1) > float("-inf")
+    kept = (x >= f.threshold).sum(dim=-1)
+    short = sampled & filtered & ((f.candidates >= f.threshold).sum(dim=-1) == kept)
+    rows = short.nonzero().squeeze(1)
+    if len(rows):
+        ids, order = f.candidate_ids[rows].sort(dim=-1)
+        tokens[rows] = _inverse_cdf(ids, f.candidates[rows].gather(1, order), f.row_max[rows],
+                                    f.threshold[rows], u[rows])
+    rows = (sampled & ~short).nonzero().squeeze(1)
+    if len(rows):
+        whole = rows if len(rows) < len(tokens) else slice(None)
+        tokens[rows] = _inverse_cdf(None, x[whole], f.row_max[whole], f.threshold[whole], u[whole])
+    return tokens
 
 
 def sample_next_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
@@ -239,11 +286,8 @@ def sample_next_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list
     greedy_ids = f.logits.argmax(dim=-1) if any(f.greedy) else None
     if all(f.greedy):
         return greedy_ids.tolist()
-    # Inverse CDF: the first token whose cumulative weight reaches u * total. u > 0 and every row keeps its
-    # best token (weight 1), so the chosen token always has a weight > 0.
-    cumulative = torch.cumsum(f.weights, dim=-1, dtype=torch.float32 if device.type == "cpu" else torch.float64)
-    u = _to_device([draw_uniform(s.seed, s.step) for s in states], cumulative.dtype, device).unsqueeze(1)
-    sampled = torch.searchsorted(cumulative, u * cumulative[:, -1:]).squeeze(1)
+    u = _to_device([draw_uniform(s.seed, s.step) for s in states], torch.float64, device).unsqueeze(1)
+    sampled = _sample(f, u)
     if greedy_ids is not None:
         sampled = torch.where(_to_device(f.greedy, torch.bool, device), greedy_ids, sampled)
     return sampled.tolist()
