@@ -210,9 +210,10 @@ def test_same_seed_gives_the_same_tokens_and_another_seed_other_tokens():
 
 
 def test_greedy_is_the_argmax_of_the_penalised_logits():
-    logits = _logits(5, 2000, 31)
+    logits = _logits(6, 2000, 31)
     states = [_state(temperature=0), _state(top_k=1, temperature=1.5, seed=1), _state(temperature=0.0, top_p=0.5),
-              _state(temperature=0, repetition_penalty=2.0), _state(top_k=1, presence_penalty=2.0, seed=2)]
+              _state(temperature=0, repetition_penalty=2.0), _state(top_k=1, presence_penalty=2.0, seed=2),
+              _state(temperature=1.0, seed=3)]  # a sampled row too: greedy rows inside a sampled batch
     best = logits.argmax(-1).tolist()
     prompt_best = logits[3, PROMPT].argmax()
     logits[3, PROMPT[prompt_best]] = logits[3].max() + 0.1  # repetition penalty must move this row's argmax
