@@ -206,14 +206,19 @@ def _filter(logits: torch.Tensor, states: list[SamplerState]) -> _Filtered:
         # HF's TopKLogitsWarper: drop what is below the k-th best logit (ties with it stay)
         threshold = torch.where(k > 0, candidates.gather(1, (k - 1).clamp(min=0)), threshold)
     if nucleus:
-        # Probabilities under the top-k-filtered distribution; the normaliser as a sequential per-row sum
-        # (cumsum) rather than a reduction, which would round differently for a batch of one.
-        weights = torch.exp(x - row_max)
-        if any(top_k):
-            weights.masked_fill_(x < threshold, 0.0)
-        total = torch.cumsum(weights, dim=-1, dtype=_cum_dtype(device))[:, -1:].float()
+        # Probabilities under the top-k-filtered distribution. A row with top-k counts its k best tokens,
+        # however many candidates the batch fetched (ties with the k-th beyond them never count), so the
+        # result does not depend on the other rows; a row without top-k counts the whole vocabulary.
+        # Normalisers are sequential per-row sums (cumsum): a reduction would round differently for a batch of one.
+        rank = torch.arange(wanted, device=device).unsqueeze(0)
+        in_top_k = candidates if not any(top_k) else candidates.masked_fill(
+            (rank >= _to_device(top_k, torch.long, device).unsqueeze(1)) & (threshold > float("-inf")), float("-inf"))
+        total = torch.cumsum(torch.exp(in_top_k - row_max), dim=-1, dtype=_cum_dtype(device))[:, -1:].float()
+        whole_rows = [i for i, (k, tp) in enumerate(zip(top_k, top_p)) if tp < 1.0 and not k]
+        if whole_rows and wanted < vocab:
+            rows = slice(None) if len(whole_rows) == batch else _to_device(whole_rows, torch.long, device)
+            total[rows] = torch.cumsum(torch.exp(x[rows] - row_max[rows]), dim=-1, dtype=_cum_dtype(device))[:, -1:]
         p = _to_device(top_p, torch.float32, device).unsqueeze(1)
-        in_top_k = candidates.masked_fill(candidates < threshold, float("-inf"))
         nucleus_threshold, complete = _nucleus_threshold(in_top_k, row_max, total, p)
         if wanted < vocab:  # only on the CPU: a host sync is free there
             incomplete = ((p < 1.0) & ~complete).squeeze(1).nonzero().squeeze(1)
