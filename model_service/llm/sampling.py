@@ -220,7 +220,7 @@ def _filter(logits: torch.Tensor, states: list[SamplerState]) -> _Filtered:
             total[rows] = torch.cumsum(torch.exp(x[rows] - row_max[rows]), dim=-1, dtype=_cum_dtype(device))[:, -1:]
         p = _to_device(top_p, torch.float32, device).unsqueeze(1)
         nucleus_threshold, complete = _nucleus_threshold(in_top_k, row_max, total, p)
-        if wanted < vocab:  # only on the CPU: a host sync is free there
+        if device.type == "cpu" and wanted < vocab:  # a host sync is free on the CPU; a GPU sorted whole rows
             incomplete = ((p < 1.0) & ~complete).squeeze(1).nonzero().squeeze(1)
             if len(incomplete):
                 rows = x[incomplete]
