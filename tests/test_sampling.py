@@ -60,6 +60,7 @@ CASES = {
     "top_p": dict(top_p=0.8),
     "top_p_flat": dict(top_p=0.95, temperature=1.5),
     "temperature_top_k_top_p": dict(temperature=1.3, top_k=200, top_p=0.9),
+    "small_top_k_top_p": dict(top_k=30, top_p=0.97),  # batched with top_k=200: top-p renormalises over its 30
     "repetition_penalty": dict(repetition_penalty=1.5, temperature=0.9),
     "repetition_penalty_below_one": dict(repetition_penalty=0.7),
 }
