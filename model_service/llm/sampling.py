@@ -197,7 +197,8 @@ def _filter(logits: torch.Tensor, states: list[SamplerState]) -> _Filtered:
     # The best logits of every row, sorted: enough of them for the largest top-k, and for top-p either the
     # row's own top-k or (a first guess on the CPU) _CPU_NUCLEUS_CANDIDATES.
     nucleus_guess = min(vocab, _CPU_NUCLEUS_CANDIDATES) if device.type == "cpu" else vocab
-    wanted = max(top_k + [k or nucleus_guess for k, tp in zip(top_k, top_p) if tp < 1.0])
+    # One more than needed: where the last candidate is below a row's threshold, no token beyond it is kept.
+    wanted = min(vocab, 1 + max(top_k + [k or nucleus_guess for k, tp in zip(top_k, top_p) if tp < 1.0]))
     candidates, candidate_ids = x.topk(wanted, dim=-1) if wanted < vocab else x.sort(dim=-1, descending=True)
     row_max = candidates[:, :1]
     threshold = torch.full((batch, 1), float("-inf"), device=device)
@@ -268,8 +269,8 @@ def _sample(f: _Filtered, u: torch.Tensor) -> torch.Tensor:
     tokens = torch.zeros(x.shape[0], dtype=torch.long)
     sampled = ~torch.tensor(f.greedy)
     filtered = f.threshold.squeeze(1) > float("-inf")
-    kept = (x >= f.threshold).sum(dim=-1)
-    short = sampled & filtered & ((f.candidates >= f.threshold).sum(dim=-1) == kept)
+    within = (f.candidates[:, -1:] < f.threshold).squeeze(1) | (f.candidates.shape[1] == x.shape[1])
+    short = sampled & filtered & within
     rows = short.nonzero().squeeze(1)
     if len(rows):
         ids, order = f.candidate_ids[rows].sort(dim=-1)
