@@ -7,6 +7,7 @@ ceiling of these kernels). Everything runs side by side on this machine in one i
 ratios mean something even on a noisy machine. Results: bench/results/engine.md and .json.
 
     python bench/bench_engine.py [--dtype float32] [--concurrency 1 8 32] [--new-tokens 64]
+                                 [--temperature 0.7 --top-p 0.9] [--skip-ceiling] [--skip-naive] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -87,10 +88,14 @@ class Server:
         self.log.close()
 
 
+# Sampling parameters of every request: greedy unless --temperature/--top-p say otherwise.
+SAMPLING = {"temperature": 0}
+
+
 async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int) -> tuple[float, int]:
     started = time.perf_counter()
     ttft, tokens = None, 0
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens, "temperature": 0,
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens, **SAMPLING,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -167,11 +172,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-naive", action="store_true", help="skip the slow naive baseline")
+    parser.add_argument("--skip-ceiling", action="store_true", help="skip the batched generate() ceiling")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampled traffic where > 0")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--tag", default="", help="appended to the result file names (engine-<tag>.md)")
     args = parser.parse_args()
     (RESULTS / "tmp").mkdir(parents=True, exist_ok=True)
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
 
-    print("1/3 ceiling: plain batched model.generate", flush=True)
-    ceiling = batched_generate_ceiling(args.dtype, args.concurrency, args.new_tokens)
+    ceiling = []
+    if not args.skip_ceiling:
+        print("1/3 ceiling: plain batched model.generate", flush=True)
+        ceiling = batched_generate_ceiling(args.dtype, args.concurrency, args.new_tokens)
 
     print("2/3 the model service (continuous batching)", flush=True)
     port = free_port()
@@ -190,18 +202,22 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "dtype": args.dtype, "new_tokens": args.new_tokens, "ceiling_generate": ceiling, "service": ours,
         "naive": naive, "service_peak_rss_mb": round(service_rss, 1), "naive_peak_rss_mb": round(naive_rss, 1),
+        "sampling": dict(SAMPLING), "tag": args.tag,
     }
     write_report(report)
 
 
 def write_report(report: dict) -> None:
-    suffix = "" if report["dtype"] == "float32" else f"-{report['dtype']}"
+    suffix = ("" if report["dtype"] == "float32" else f"-{report['dtype']}") + (
+        f"-{report['tag']}" if report.get("tag") else "")
+    sampling = report.get("sampling", {"temperature": 0})
+    how = "greedy" if not sampling["temperature"] else ", ".join(f"{k} {v}" for k, v in sampling.items())
     (RESULTS / f"engine{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     ceiling = {row["batch_size"]: row for row in report["ceiling_generate"]}
     naive = {row["concurrency"]: row for row in report["naive"]}
     lines = [
         f"# Engine benchmark ({report['dtype']})", "",
-        f"{report['date']}, {report['machine']}; greedy, {report['new_tokens']} new tokens per request "
+        f"{report['date']}, {report['machine']}; {how}, {report['new_tokens']} new tokens per request "
         "(ignore_eos), streaming HTTP clients; all numbers from one run of `make bench`.", "",
         "| concurrency | service tok/s | TTFT p50 / p95 (s) | naive tok/s | naive TTFT p50 (s) | generate() ceiling "
         "tok/s | service / naive | service / ceiling |",
