@@ -5,7 +5,9 @@ Servers are started as subprocesses (`python -m model_service serve`) and stoppe
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,6 +59,10 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, /, **labels: str) -> float:
+        """The sum of the pod's ``/metrics`` samples ``name`` whose labels include ``labels``."""
+        return metric_sum(httpx.get(f"{self.base_url}/metrics", timeout=10).text, name, **labels)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -174,6 +180,26 @@ def start_pods(tmp_dir: Path, nacos, count: int, *args: str, env: dict | None = 
     return servers
 
 
+def metric_values(text: str, name: str, /, **labels: str) -> list[float]:
+    """Values of the Prometheus samples ``name`` / ``name{...}`` in ``text`` whose labels include ``labels``."""
+    values = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            sample = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+        elif line.startswith(name + " "):
+            sample = {}
+        else:
+            continue
+        if all(sample.get(k) == v for k, v in labels.items()):
+            values.append(float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+def metric_sum(text: str, name: str, /, **labels: str) -> float:
+    """The sum of ``metric_values`` (0 when there is no such sample)."""
+    return sum(metric_values(text, name, **labels))
+
+
 class Gateway:
     """The gateway jar as a subprocess (stopped by its pid). ``url``: the public port; ``management_url``: the
     actuator's own port (health, Prometheus)."""
@@ -186,6 +212,16 @@ class Gateway:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_log(self) -> list[dict]:
+        """The access log's entries so far (one JSON line each, logger ``llm_gateway.access``)."""
+        return [json.loads(line) for line in self.log().splitlines()
+                if line.startswith("{") and '"llm_gateway.access"' in line]
+
+    def prometheus(self) -> str:
+        r = httpx.get(f"{self.management_url}/actuator/prometheus", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.text
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:

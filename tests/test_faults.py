@@ -17,7 +17,6 @@ few minutes on 2 CPU cores. The tests run in order on one stack; each starts by 
 from __future__ import annotations
 
 import json
-import re
 import signal
 import threading
 import time
@@ -210,12 +209,6 @@ def stack(tmp_path_factory):
         nacos.stop()
 
 
-def metric(pod: ServerProcess, name: str) -> float:
-    """The sum of a metric's series on a pod's /metrics."""
-    text = httpx.get(f"{pod.base_url}/metrics", timeout=5).text
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (the JVM has none; a pod has none)."""
     proc = psutil.Process(pid)
@@ -242,7 +235,7 @@ def test_kill_9_one_of_two_pods_under_steady_traffic(stack):
     assert ok >= 0.99 * len(after), f"after the kill: {summary(after)}; in flight at the kill: {summary(in_flight)}"
     assert survivor.proc.poll() is None
     # the survivor carried the traffic after the kill
-    assert metric(survivor, "model_service_requests_finished_total") > 0
+    assert survivor.metric("model_service_requests_finished_total") > 0
 
 
 # ---------------------------------------------------------------------------------------- 2. SIGTERM while streaming
@@ -262,7 +255,7 @@ def test_sigterm_during_streams_breaks_no_client_stream(stack):
         for _ in range(8):
             pool.submit(stream, 48)
         # SIGTERM the victim while it is generating for some of these streams
-        wait_for(lambda: metric(victim, "model_service_num_requests_running") >= 2, 30, interval=0.05,
+        wait_for(lambda: victim.metric("model_service_num_requests_running") >= 2, 30, interval=0.05,
                  message="streams running on the victim")
         victim.proc.send_signal(signal.SIGTERM)
         sigterm_at = time.monotonic()

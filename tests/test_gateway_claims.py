@@ -21,12 +21,11 @@ import contextlib
 import hashlib
 import hmac
 import json
-import re
 import time
 
 import httpx
 import pytest
-from conftest import GATEWAY_JAR, need_jar, start_gateway, start_pods
+from conftest import GATEWAY_JAR, metric_sum, need_jar, start_gateway, start_pods
 from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -73,22 +72,6 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-def metric_sum(text: str, metric: str, **labels: str) -> float:
-    """The sum of the Prometheus samples ``metric{...}`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(metric + "{"):
-            sample = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
-            if all(sample.get(k) == v for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def access_log(gw) -> list[dict]:
-    return [json.loads(line) for line in gw.log().splitlines()
-            if line.startswith("{") and '"llm_gateway.access"' in line]
-
-
 # ---------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def nacos(tmp_path_factory):
@@ -120,18 +103,9 @@ def gateway(nacos, pods, tmp_path_factory):
     yield gw
     gw.stop()
 
-
-def pod_metric(pod, name: str, **labels: str) -> float:
-    return metric_sum(httpx.get(f"{pod.base_url}/metrics", timeout=10).text, name, **labels)
-
-
 # ---------------------------------------------------------------------------------------- 1. JWT callers
-def prometheus(gw) -> str:
-    return httpx.get(f"{gw.management_url}/actuator/prometheus", timeout=30).text
-
-
 def test_jwt_caller_is_served_and_billed_to_its_subject(gateway):
-    jwt_tokens_before = metric_sum(prometheus(gateway), "llm_gateway_tokens_total", caller="jwt")
+    jwt_tokens_before = metric_sum(gateway.prometheus(), "llm_gateway_tokens_total", caller="jwt")
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(),
                    headers=bearer(jwt_hs256(**valid_claims("jwt-alice"))), timeout=120)
     assert r.status_code == 200, r.text
@@ -140,11 +114,11 @@ def test_jwt_caller_is_served_and_billed_to_its_subject(gateway):
 
     # billed to the subject: the access log and the token metric name it, with the answer's real usage
     # (the access line is written when the exchange has ended, which may be just after the client got the answer)
-    line = wait_for(lambda: next((entry for entry in access_log(gateway) if entry.get("caller") == "jwt-alice"),
+    line = wait_for(lambda: next((entry for entry in gateway.access_log() if entry.get("caller") == "jwt-alice"),
                                  None), 10, message="the access log line of jwt-alice's answer")
     assert line["auth"] == "jwt" and line["status"] == 200 and line["total_tokens"] == used, line
     # the token metric counts JWT subjects under one caller tag, "jwt" (subjects are unbounded, key names are not)
-    assert metric_sum(prometheus(gateway), "llm_gateway_tokens_total", caller="jwt") - jwt_tokens_before == used
+    assert metric_sum(gateway.prometheus(), "llm_gateway_tokens_total", caller="jwt") - jwt_tokens_before == used
 
     # The subject's budget is spent, whichever token it comes with; GET /v1/models reserves no tokens, so it
     # checks the token budget without spending it. Another subject has its own budget.
@@ -197,18 +171,18 @@ def test_every_pod_refusing_gives_the_last_pods_429_and_retry_after(gateway, pod
                 json=chat(max_tokens=4000, stream=True, ignore_eos=True)))
             assert response.status_code == 200
         for pod in pods:
-            wait_for(lambda: pod_metric(pod, "model_service_num_requests_running") == 1, 30, interval=0.1,
+            wait_for(lambda: pod.metric("model_service_num_requests_running") == 1, 30, interval=0.1,
                      message=f"pod {pod.http_port} full")
-        refused_before = [pod_metric(pod, "model_service_requests_rejected_total", reason="queue_full")
+        refused_before = [pod.metric("model_service_requests_rejected_total", reason="queue_full")
                           for pod in pods]
 
         r = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(), headers=bearer(KEYS["ops"][0]),
                        timeout=60)
 
-        refused = [pod_metric(pod, "model_service_requests_rejected_total", reason="queue_full") - before
+        refused = [pod.metric("model_service_requests_rejected_total", reason="queue_full") - before
                    for pod, before in zip(pods, refused_before)]
         # both pods were still full (their streams were running), so every attempt met a full pod
-        assert all(pod_metric(pod, "model_service_num_requests_running") == 1 for pod in pods)
+        assert all(pod.metric("model_service_num_requests_running") == 1 for pod in pods)
     # leaving the block closed the streams: the pods cancel the requests of a client that left
 
     # the pod's own answer, passed through: its status, error object and Retry-After (a pod sends 1)
@@ -220,5 +194,5 @@ def test_every_pod_refusing_gives_the_last_pods_429_and_retry_after(gateway, pod
     assert sum(refused) == 1 + RETRIES and all(n >= 1 for n in refused), refused
 
     for pod in pods:
-        wait_for(lambda: pod_metric(pod, "model_service_num_requests_running") == 0, 30,
+        wait_for(lambda: pod.metric("model_service_num_requests_running") == 0, 30,
                  message=f"pod {pod.http_port} free again")

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from conftest import GATEWAY_JAR, need_jar, start_gateway
+from conftest import GATEWAY_JAR, metric_sum, need_jar, start_gateway
 from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -255,21 +255,9 @@ def chat(model: str, stream: bool = False) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": stream}
 
 
-def prometheus(gw) -> str:
-    r = httpx.get(f"{gw.management_url}/actuator/prometheus", timeout=30)
-    assert r.status_code == 200
-    return r.text
-
-
 def metric(gw, metric_name: str, /, **labels: str) -> float:
     """The sum of the samples ``metric_name{...}`` whose labels include ``labels`` (0 when there is none)."""
-    total = 0.0
-    for line in prometheus(gw).splitlines():
-        if line.startswith(metric_name + "{"):
-            sample = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
-            if all(sample.get(k) == v for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(gw.prometheus(), metric_name, **labels)
 
 
 def breaker_state(gw, name: str) -> str | None:
@@ -282,7 +270,7 @@ def breaker_state(gw, name: str) -> str | None:
 
 def breaker_report(gw, name: str) -> list[str]:
     """The breaker's own Prometheus samples (state, calls, failure rate), for a failure message."""
-    return [line for line in prometheus(gw).splitlines()
+    return [line for line in gw.prometheus().splitlines()
             if line.startswith("resilience4j_circuitbreaker_") and f'name="{name}"' in line]
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import GATEWAY_JAR, free_port, need_jar, start_gateway, start_pods
+from conftest import GATEWAY_JAR, free_port, metric_values, need_jar, start_gateway, start_pods
 from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = pytest.mark.slow
@@ -172,18 +172,10 @@ def gateways(nacos, redis, pods, tmp_path_factory):
         replicas.stop()
 
 
-def prometheus(gw) -> str:
-    return httpx.get(f"{gw.management_url}/actuator/prometheus", timeout=10).text
-
-
-def gauge(text: str, name: str, **labels) -> float | None:
+def gauge(text: str, name: str, /, **labels) -> float | None:
     """The value of the first sample of ``name`` whose labels include ``labels``."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                return float(value)
-    return None
+    values = metric_values(text, name, **labels)
+    return values[0] if values else None
 
 
 # ---------------------------------------------------------------------------------------- shared budgets
@@ -253,7 +245,7 @@ def test_redis_outage_fail_open_and_fail_closed_then_shared_again(gateways, redi
         assert r.json()["error"]["code"] == "budget_store_unavailable"
         assert int(r.headers["retry-after"]) >= 1
         # visible: the metric, the health (fail-open stays UP overall, its component DEGRADED; fail-closed DOWN)
-        wait_for(lambda: gauge(prometheus(open_gw), "llm_gateway_budget_store_up") == 0, 10, message="gauge 0")
+        wait_for(lambda: gauge(open_gw.prometheus(), "llm_gateway_budget_store_up") == 0, 10, message="gauge 0")
         health = httpx.get(f"{open_gw.management_url}/actuator/health", timeout=10)
         assert health.status_code == 200 and health.json()["components"]["budgetStore"]["status"] == "DEGRADED"
         health = httpx.get(f"{closed_gw.management_url}/actuator/health", timeout=10)
@@ -264,7 +256,7 @@ def test_redis_outage_fail_open_and_fail_closed_then_shared_again(gateways, redi
     finally:
         redis.start()
     for gw in (open_gw, closed_gw):
-        wait_for(lambda: gauge(prometheus(gw), "llm_gateway_budget_store_up") == 1, 20, message="Redis back")
+        wait_for(lambda: gauge(gw.prometheus(), "llm_gateway_budget_store_up") == 1, 20, message="Redis back")
         assert "caller budgets: Redis reachable again" in gw.log()
     # shared again: 3 a minute across both replicas
     results = [httpx.get(f"{gw.url}/v1/models", headers=auth("again"), timeout=30).status_code
@@ -273,12 +265,6 @@ def test_redis_outage_fail_open_and_fail_closed_then_shared_again(gateways, redi
 
 
 # ---------------------------------------------------------------------------------------- load-aware routing
-def pod_metric(pod, name: str) -> float:
-    text = httpx.get(f"{pod.base_url}/metrics", timeout=10).text
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def keep_busy(pod, streams: int, stop: threading.Event) -> list[threading.Thread]:
     """``streams`` long streams sent straight to the pod (ignore_eos, 4000 tokens), held open until ``stop``."""
     def run():
@@ -301,21 +287,21 @@ def test_short_requests_go_to_the_idle_pod_not_the_busy_one(gateways, pods):
     stop = threading.Event()
     threads = keep_busy(busy, 6, stop)
     try:
-        wait_for(lambda: pod_metric(busy, "model_service_num_requests_running") >= 6, 60,
+        wait_for(lambda: busy.metric("model_service_num_requests_running") >= 6, 60,
                  message="busy pod running its 6 streams")
         # the gateway sees it from its own scrape of the pod's metrics
         busy_key = f"127.0.0.1:{busy.http_port}"
         httpx.get(f"{gw.url}/v1/models", headers=auth("alice"), timeout=30)  # lists the pods, if not yet
-        wait_for(lambda: (gauge(prometheus(gw), "llm_gateway_instance_load", instance=busy_key, kind="running")
+        wait_for(lambda: (gauge(gw.prometheus(), "llm_gateway_instance_load", instance=busy_key, kind="running")
                           or 0) >= 6, 30, message="the gateway's scrape of the busy pod")
-        done_busy = pod_metric(busy, "model_service_e2e_request_latency_seconds_count")
-        done_idle = pod_metric(idle, "model_service_e2e_request_latency_seconds_count")
+        done_busy = busy.metric("model_service_e2e_request_latency_seconds_count")
+        done_idle = idle.metric("model_service_e2e_request_latency_seconds_count")
         for _ in range(6):
             r = httpx.post(f"{gw.url}/v1/chat/completions", headers=auth("alice"), json=chat(4), timeout=120)
             assert r.status_code == 200, r.text
-        assert pod_metric(idle, "model_service_e2e_request_latency_seconds_count") - done_idle == 6
-        assert pod_metric(busy, "model_service_e2e_request_latency_seconds_count") - done_busy == 0
-        picks = gauge(prometheus(gw), "llm_gateway_lb_picks_total", instance=f"127.0.0.1:{idle.http_port}",
+        assert idle.metric("model_service_e2e_request_latency_seconds_count") - done_idle == 6
+        assert busy.metric("model_service_e2e_request_latency_seconds_count") - done_busy == 0
+        picks = gauge(gw.prometheus(), "llm_gateway_lb_picks_total", instance=f"127.0.0.1:{idle.http_port}",
                       reason="least_loaded")
         assert picks is not None and picks >= 6
         # the gateway's scrapes (several a second) stay out of the pods' access logs, like health probes

@@ -39,15 +39,6 @@ def chat_request(question: str = QUESTION, **params) -> llm_pb2.ChatRequest:
     return llm_pb2.ChatRequest(messages=[llm_pb2.ChatMessage(role="user", content=question)], **params)
 
 
-def metric(base_url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -271,11 +262,11 @@ def test_oversized_request_is_refused(stub):
 
 # ---------------------------------------------------------------------------------- slots
 def _cancelled(server) -> float:
-    return metric(server.base_url, "model_service_requests_finished_total", 'finish_reason="cancelled"')
+    return server.metric("model_service_requests_finished_total", finish_reason="cancelled")
 
 
 def _running(server) -> float:
-    return metric(server.base_url, "model_service_num_requests_running")
+    return server.metric("model_service_num_requests_running")
 
 
 def test_deadline_mid_stream_frees_the_slot(stub, server):

@@ -19,7 +19,6 @@ Each test fails on the gateway before the fixes of issue 13:
 from __future__ import annotations
 
 import json
-import re
 import socket
 import threading
 import time
@@ -28,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from conftest import GATEWAY_JAR, need_jar, start_gateway, start_pods
+from conftest import GATEWAY_JAR, metric_values, need_jar, start_gateway, start_pods
 from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -51,18 +50,6 @@ def auth(name: str = "alice") -> dict:
 def chat(content: str = "Name a colour.", max_tokens: int = 4, **extra) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": max_tokens, **extra}
-
-
-def metric_values(text: str, metric: str, **labels: str) -> list[float]:
-    """Values of the Prometheus samples ``metric{...}`` whose labels include ``labels``."""
-    values = []
-    for line in text.splitlines():
-        if not line.startswith(metric + "{"):
-            continue
-        sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
-        if all(sample_labels.get(k) == v for k, v in labels.items()):
-            values.append(float(line.rsplit(" ", 1)[1]))
-    return values
 
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -93,12 +80,6 @@ def gateway(nacos, pod, tmp_path_factory):
                        env={"GATEWAY_UPSTREAM_ALLOWED_NETWORKS": "127.0.0.1/32"})
     yield gw
     gw.stop()
-
-
-def prometheus(gw) -> str:
-    r = httpx.get(f"{gw.management_url}/actuator/prometheus", timeout=30)
-    assert r.status_code == 200
-    return r.text
 
 
 # ---------------------------------------------------------------------------------------- 1. trusted registry
@@ -168,7 +149,7 @@ def test_an_instance_registered_outside_the_allowed_networks_gets_nothing(gatewa
         def dropped() -> bool:
             r = httpx.get(f"{gateway.url}/v1/models", headers=auth(), timeout=30)
             assert r.status_code == 200 and "forged" not in r.json(), r.text
-            return sum(metric_values(prometheus(gateway), "llm_gateway_upstream_refused_total")) > 0
+            return sum(metric_values(gateway.prometheus(), "llm_gateway_upstream_refused_total")) > 0
 
         wait_for(dropped, 30, interval=0.5, message="the gateway sees (and drops) the intruder")
         for i in range(6):
@@ -202,7 +183,7 @@ def test_encoded_paths_never_reach_the_pod(gateway, pod, path):
     direct = httpx.post(f"{pod.base_url}/v1/chat/completions", json=chat(max_tokens=1), timeout=120,
                         headers={"Authorization": "Bearer bogus"})
     assert direct.status_code == 200
-    attempts_before = sum(metric_values(prometheus(gateway), "llm_gateway_upstream_attempts_total"))
+    attempts_before = sum(metric_values(gateway.prometheus(), "llm_gateway_upstream_attempts_total"))
     # httpx would normalise the path: send it raw
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as s:
         body = json.dumps(chat(max_tokens=1)).encode()
@@ -217,7 +198,7 @@ def test_encoded_paths_never_reach_the_pod(gateway, pod, path):
     assert status in (400, 401, 404), raw[:500]
     error = json.loads(payload)["error"]
     assert error["code"] in ("invalid_path", "invalid_api_key", "unknown_url"), error
-    assert sum(metric_values(prometheus(gateway), "llm_gateway_upstream_attempts_total")) == attempts_before
+    assert sum(metric_values(gateway.prometheus(), "llm_gateway_upstream_attempts_total")) == attempts_before
 
 
 # ---------------------------------------------------------------------------------------- 3. breakers
@@ -227,7 +208,7 @@ def test_bad_requests_open_no_breaker(gateway, pod):
     lone_surrogate = (b'{"model":"' + MODEL.encode() + b'","max_tokens":2,'
                       b'"messages":[{"role":"user","content":"\\ud800"}]}')
     out_of_range = json.dumps(chat(temperature=7)).encode()
-    attempts_before = sum(metric_values(prometheus(gateway), "llm_gateway_upstream_attempts_total"))
+    attempts_before = sum(metric_values(gateway.prometheus(), "llm_gateway_upstream_attempts_total"))
     statuses = []
     for body in [lone_surrogate, out_of_range] * 4:
         r = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, timeout=120,
@@ -235,7 +216,7 @@ def test_bad_requests_open_no_breaker(gateway, pod):
         statuses.append(r.status_code)
     assert statuses == [400] * 8, statuses
     assert 503 not in statuses
-    text = prometheus(gateway)
+    text = gateway.prometheus()
     # one attempt per request: nothing was retried
     assert sum(metric_values(text, "llm_gateway_upstream_attempts_total")) - attempts_before == 8
     instance = f"instance-127.0.0.1:{pod.http_port}"
@@ -274,7 +255,7 @@ def test_an_abandoned_long_prompt_stream_is_charged_its_prompt(gateway):
     estimate = -(-len(json.dumps(body).encode()) // 4)
 
     def charged() -> float:
-        return sum(metric_values(prometheus(gateway), "llm_gateway_tokens_total", caller="leaver", kind="prompt"))
+        return sum(metric_values(gateway.prometheus(), "llm_gateway_tokens_total", caller="leaver", kind="prompt"))
 
     billed = wait_for(charged, 30, message="the abandoned stream charged")
     # the prompt estimate (body bytes / 4), or the real prompt count if the usage had already arrived
@@ -283,11 +264,6 @@ def test_an_abandoned_long_prompt_stream_is_charged_its_prompt(gateway):
 
 
 # ---------------------------------------------------------------------------------------- 5. slow clients
-def access_log(gw) -> list[dict]:
-    return [json.loads(line) for line in gw.log().splitlines()
-            if line.startswith("{") and '"llm_gateway.access"' in line]
-
-
 def time_until_closed(port: int, payload: bytes, limit: float = 30) -> tuple[float, bytes]:
     """Sends ``payload`` and waits, sending nothing more; returns (seconds until the gateway closed, bytes got)."""
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
@@ -339,7 +315,7 @@ def test_a_slow_client_is_cut_off(gateway):
     assert closed_after is not None, "a trickling client kept its connection for a minute"
     assert EDGE_TIMEOUT_S - 0.5 <= closed_after <= EDGE_TIMEOUT_S + 7, closed_after
     # logged as what the client got, never as an error of the gateway
-    wait_for(lambda: [a["status"] for a in access_log(gateway) if a.get("error") == "request_timeout"] == [408, 408],
+    wait_for(lambda: [a["status"] for a in gateway.access_log() if a.get("error") == "request_timeout"] == [408, 408],
              10, message="both body timeouts logged as 408")
     assert '"level":"ERROR"' not in gateway.log()
 
@@ -350,9 +326,9 @@ def test_a_broken_chunked_body_is_a_400_not_a_500(gateway):
               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n").encode()
     _, got = time_until_closed(gateway.port, broken)
     assert got.startswith(b"HTTP/1.1 400"), got[:300]
-    wait_for(lambda: metric_values(prometheus(gateway), "llm_gateway_rejected_total", reason="malformed_request"),
+    wait_for(lambda: metric_values(gateway.prometheus(), "llm_gateway_rejected_total", reason="malformed_request"),
              10, message="the broken body counted")
-    wait_for(lambda: [a["status"] for a in access_log(gateway) if a.get("error") == "malformed_request"] == [400],
+    wait_for(lambda: [a["status"] for a in gateway.access_log() if a.get("error") == "malformed_request"] == [400],
              10, message="the broken body logged as 400")
     assert '"level":"ERROR"' not in gateway.log()
     assert '500 Server Error' not in gateway.log()
@@ -363,7 +339,7 @@ def test_actuator_is_only_on_the_management_port(gateway):
     for path in ("/actuator/prometheus", "/actuator/health", "/actuator/metrics"):
         assert httpx.get(f"{gateway.url}{path}", timeout=30).status_code == 404, path
     assert httpx.get(f"{gateway.management_url}/actuator/health", timeout=30).json()["status"] == "UP"
-    assert "llm_gateway_" in prometheus(gateway)
+    assert "llm_gateway_" in gateway.prometheus()
     # the management port listens on loopback only by default
     assert gateway.management_port != gateway.port
 
