@@ -180,6 +180,15 @@ def start_pods(tmp_dir: Path, nacos, count: int, *args: str, env: dict | None = 
     return servers
 
 
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    """The response is ``status`` with an OpenAI error object (message, type, param, code); returns the error."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["message"]
+    return error
+
+
 def metric_values(text: str, name: str, /, **labels: str) -> list[float]:
     """Values of the Prometheus samples ``name`` / ``name{...}`` in ``text`` whose labels include ``labels``."""
     values = []

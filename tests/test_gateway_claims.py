@@ -25,7 +25,7 @@ import time
 
 import httpx
 import pytest
-from conftest import GATEWAY_JAR, metric_sum, need_jar, start_gateway, start_pods
+from conftest import GATEWAY_JAR, assert_openai_error, metric_sum, need_jar, start_gateway, start_pods
 from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -62,14 +62,6 @@ def jwt_hs256(secret: str = JWT_SECRET, **claims) -> str:
 def valid_claims(sub: str, **extra) -> dict:
     now = int(time.time())
     return {"sub": sub, "iat": now, "exp": now + 600, **extra}
-
-
-def assert_openai_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert error["message"]
-    return error
 
 
 # ---------------------------------------------------------------------------------------- fixtures

@@ -17,7 +17,7 @@ import time
 
 import httpx
 import pytest
-from conftest import CLIENT_JAR, GATEWAY_JAR, need_jar, start_gateway, start_pods
+from conftest import CLIENT_JAR, GATEWAY_JAR, assert_openai_error, need_jar, start_gateway, start_pods
 from nacos_fixtures import start_seeded_rnacos, wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,14 +40,6 @@ def auth(name: str = "alice") -> dict:
 def chat_body(stream: bool = False, max_tokens: int = 16, **extra) -> dict:
     return {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": QUESTION}],
             "temperature": 0, "max_tokens": max_tokens, "stream": stream, **extra}
-
-
-def assert_openai_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert error["message"]
-    return error
 
 
 # ---------------------------------------------------------------------------------------- fixtures
