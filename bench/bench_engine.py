@@ -8,6 +8,7 @@ ratios mean something even on a noisy machine. Results: bench/results/engine.md 
 
     python bench/bench_engine.py [--dtype float32] [--concurrency 1 8 32] [--new-tokens 64]
                                  [--temperature 0.7 --top-p 0.9] [--skip-ceiling] [--skip-naive] [--tag NAME]
+                                 [--serve-args '--kv-cache slots --kv-cache-tokens 512']
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampled traffic where > 0")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--tag", default="", help="appended to the result file names (engine-<tag>.md)")
+    parser.add_argument("--serve-args", default="", help="extra `serve` flags, e.g. '--kv-cache slots'")
     args = parser.parse_args()
     (RESULTS / "tmp").mkdir(parents=True, exist_ok=True)
     SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
@@ -189,7 +191,7 @@ def main() -> None:
     port = free_port()
     ours, service_rss = measure("service", Server(
         [sys.executable, "-m", "model_service", "serve", "--http-port", str(port), "--grpc-port", "0",
-         "--dtype", args.dtype, "--log-level", "warning"], port, "service.log"), args)
+         "--dtype", args.dtype, "--log-level", "warning", *args.serve_args.split()], port, "service.log"), args)
 
     naive, naive_rss = [], float("nan")
     if not args.skip_naive:
@@ -202,7 +204,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "dtype": args.dtype, "new_tokens": args.new_tokens, "ceiling_generate": ceiling, "service": ours,
         "naive": naive, "service_peak_rss_mb": round(service_rss, 1), "naive_peak_rss_mb": round(naive_rss, 1),
-        "sampling": dict(SAMPLING), "tag": args.tag,
+        "sampling": dict(SAMPLING), "tag": args.tag, "serve_args": args.serve_args,
     }
     write_report(report)
 
