@@ -22,7 +22,8 @@ bench=0
 for args in "bench/bench_gpu_glm.py" "bench/bench_gpu.py --dtype bfloat16" \
             "bench/bench_gpu.py --dtype float32 --out bench/results/gpu-float32.md"; do
   $PY $args 2>&1 | log gpu-check.log || bench=1
+  # after each bench: a run stopped at the device's time limit still brings back what finished
+  [ -n "$DEST" ] && cp bench/results/gpu*.md "$DEST"/ 2>/dev/null
 done
-[ -n "$DEST" ] && cp bench/results/gpu*.md "$DEST"/ 2>/dev/null
 echo "tests exit $tests, bench exit $bench" | log gpu-check.log
 exit $(( tests || bench ))
