@@ -17,6 +17,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | log gpu
 # no conftest: it builds gRPC stubs, and a GPU machine may lack grpc_tools; test_gpu.py needs none of it
 $PY -m pytest tests/test_gpu.py -q --noconftest -p no:cacheprovider 2>&1 | log gpu-check.log
 tests=$?
+echo "[gpu_check] ${SECONDS}s: tests done (exit $tests)" | log gpu-check.log
 # what `make bench-gpu` runs (a GPU machine may have no make)
 bench=0
 for args in "bench/bench_gpu_glm.py" "bench/bench_gpu.py --dtype bfloat16" \
@@ -24,6 +25,7 @@ for args in "bench/bench_gpu_glm.py" "bench/bench_gpu.py --dtype bfloat16" \
   $PY $args 2>&1 | log gpu-check.log || bench=1
   # after each bench: a run stopped at the device's time limit still brings back what finished
   [ -n "$DEST" ] && cp bench/results/gpu*.md "$DEST"/ 2>/dev/null
+  echo "[gpu_check] ${SECONDS}s: $args done" | log gpu-check.log
 done
 echo "tests exit $tests, bench exit $bench" | log gpu-check.log
 exit $(( tests || bench ))
