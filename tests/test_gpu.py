@@ -20,9 +20,8 @@ import torch
 
 from model_service.llm import decode_runner
 from model_service.llm.engine import Engine, EngineLimits
-from model_service.llm.loader import load_model
 from model_service.llm.sampling import SamplingParams
-from tiny_models import build_tiny_glm
+from tiny_models import build_tiny_glm, load_spread_glm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,13 +34,6 @@ def glm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("glm-gpu")
     build_tiny_glm(path)
     return path
-
-
-def _load(path, device: str):
-    loaded = load_model(str(path), device=device)
-    with torch.no_grad():
-        loaded.model.model.norm.weight.mul_(40)  # well-separated logits: no near-ties for rounding to flip
-    return loaded
 
 
 def _ids(loaded, text: str) -> list[int]:
@@ -70,7 +62,7 @@ def _run_all(loaded, jobs: list[tuple[list[int], dict]], together: bool) -> list
 
 
 def test_cuda_engine_gives_the_cpu_engines_tokens_batched_and_alone(glm_dir):
-    cpu, gpu = _load(glm_dir, "cpu"), _load(glm_dir, "cuda")
+    cpu, gpu = load_spread_glm(glm_dir, "cpu"), load_spread_glm(glm_dir, "cuda")
     assert gpu.device == "cuda:0" and cpu.device == "cpu"
     greedy = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
     sampled = {"max_tokens": 24, "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 7,
@@ -85,7 +77,7 @@ def test_cuda_engine_gives_the_cpu_engines_tokens_batched_and_alone(glm_dir):
 
 
 def test_cancel_on_cuda_frees_the_slot_and_the_engine_keeps_serving(glm_dir):
-    gpu = _load(glm_dir, "cuda")
+    gpu = load_spread_glm(glm_dir, "cuda")
 
     def cancelled(engine) -> float:
         return engine.metrics._finished.labels(engine.metrics._model_name, "cancelled")._value.get()
@@ -119,7 +111,7 @@ def test_cancel_on_cuda_frees_the_slot_and_the_engine_keeps_serving(glm_dir):
 def test_cuda_slots_with_staggered_joins_and_reused_slots_give_the_cpu_tokens(glm_dir):
     """On CUDA the engine uses the fixed-slot cache (--kv-cache auto): requests joining and leaving a busy
     batch, through 3 slots reused by later requests, give the CPU engine's tokens."""
-    cpu, gpu = _load(glm_dir, "cpu"), _load(glm_dir, "cuda")
+    cpu, gpu = load_spread_glm(glm_dir, "cpu"), load_spread_glm(glm_dir, "cuda")
     texts = PROMPTS + ["paris is the capital", " ".join(f"w{i}" for i in range(40))]
     jobs = [(_ids(cpu, t), 6 + 5 * (i % 4)) for i, t in enumerate(texts)]
 
@@ -183,7 +175,7 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
     by later requests, so the batch moves between row buckets and read lengths mid-stream. Every step is a
     replay, and every request gets its eager tokens: alone, batched, and the CPU engine's."""
     monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)  # read lengths 16, 32, ..., 256: several per request
-    cpu, gpu = _load(glm_dir, "cpu"), _load(glm_dir, "cuda")
+    cpu, gpu = load_spread_glm(glm_dir, "cpu"), load_spread_glm(glm_dir, "cuda")
     texts = PROMPTS + ["paris is the capital", " ".join(f"w{i}" for i in range(40))]
     jobs = [(_ids(cpu, t), 6 + 5 * (i % 4) + (i == 7) * 20) for i, t in enumerate(texts)]
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
@@ -208,7 +200,7 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
 def test_a_graph_replayed_after_its_slot_changed_hands_gives_the_new_requests_tokens(glm_dir):
     """transformers once replayed a stale graph after the cache changed: here B finishes, C (another prompt)
     takes B's slot while A keeps decoding, and the same (2-row) graph now carries C."""
-    gpu = _load(glm_dir, "cuda")
+    gpu = load_spread_glm(glm_dir, "cuda")
     a, b, c = (_ids(gpu, t) for t in ("what is the capital of france ?", "hello world", "w5 w6 w7 paris"))
 
     async def main(limits):
@@ -246,7 +238,7 @@ def test_a_graph_replayed_after_its_slot_changed_hands_gives_the_new_requests_to
 
 
 def test_a_failed_capture_is_logged_and_the_engine_decodes_eagerly(glm_dir, monkeypatch, caplog):
-    gpu = _load(glm_dir, "cuda")
+    gpu = load_spread_glm(glm_dir, "cuda")
 
     def broken(self):
         raise RuntimeError("capture broke")

@@ -169,3 +169,14 @@ def build_tool_calling_glm(path: Path, chat_template: str) -> dict:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return vocab
+
+
+def load_spread_glm(path: Path, device: str = "cpu"):
+    """The tiny GLM at ``path`` loaded by the service's loader, its final norm scaled up so that logits are well
+    apart: greedy paths differ by prompt, and float rounding (batch shapes, devices) cannot flip a near-tie."""
+    from model_service.llm.loader import load_model
+
+    loaded = load_model(str(path), device=device)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(40)
+    return loaded
