@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import chat_ids
+from engine_runs import staggered_run
 from model_service.config import Settings, parse_batch_sizes
 from model_service.llm import decode_runner
 from model_service.llm.decode_runner import default_batch_sizes, length_buckets
 from model_service.llm.engine import Engine, EngineLimits
-from test_kv_slots import staggered_run
 from tiny_models import build_tiny_glm, load_spread_glm
 
 

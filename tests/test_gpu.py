@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from engine_runs import staggered_run
 from model_service.llm import decode_runner
 from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.sampling import SamplingParams
@@ -138,38 +139,6 @@ def test_cuda_slots_with_staggered_joins_and_reused_slots_give_the_cpu_tokens(gl
 
 
 # ------------------------------------------------------------------ CUDA graphs (decode_runner.py)
-def _staggered(loaded, jobs, limits: EngineLimits):
-    """Each job alone, then all together (the first max_running_requests at once, the rest staggered into
-    slots that finished requests left); also the slot of every admission of the second run."""
-    async def main():
-        engine = Engine(loaded, limits)
-        engine.start()
-        admissions: list[int] = []
-        original = engine._scheduler.complete_prefill
-
-        def spy(plan, joined):
-            admissions.extend(s.slot for s in plan.sequences)
-            original(plan, joined)
-
-        engine._scheduler.complete_prefill = spy
-        try:
-            alone = [await _generate(engine, ids, max_tokens=n, temperature=0, ignore_eos=True) for ids, n in jobs]
-            admissions.clear()
-
-            async def late(ids, n, delay):
-                await asyncio.sleep(delay)
-                return await _generate(engine, ids, max_tokens=n, temperature=0, ignore_eos=True)
-
-            first = limits.max_running_requests
-            together = await asyncio.wait_for(asyncio.gather(
-                *(late(ids, n, 0 if i < first else 0.05 * i) for i, (ids, n) in enumerate(jobs))), timeout=300)
-            return alone, together, admissions, engine
-        finally:
-            engine.shutdown()
-
-    return asyncio.run(main())
-
-
 def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_changes(glm_dir, monkeypatch):
     """Graphs captured at start-up, one per (rows, read length); requests join and leave through 3 slots reused
     by later requests, so the batch moves between row buckets and read lengths mid-stream. Every step is a
@@ -180,7 +149,7 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
     jobs = [(_ids(cpu, t), 6 + 5 * (i % 4) + (i == 7) * 20) for i, t in enumerate(texts)]
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
                           cuda_graph_batch_sizes=(1, 2))
-    alone, together, admissions, engine = _staggered(gpu, jobs, limits)
+    alone, together, admissions, engine = staggered_run(gpu, jobs, limits)
     runner = engine._runner
     assert runner is not None and runner.batch_sizes == (1, 2, 3) and runner.lengths == (16, 32, 64, 128, 256)
     assert runner.graphs == 15 and runner.capture_seconds is not None  # captured, at start-up
@@ -188,12 +157,13 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
     assert steps > 0 and runner.replays == steps  # every decode step was a graph replay
     assert {1, 3} <= {rows for rows, _ in runner.steps}, runner.steps  # alone: 1 row; three at once: 3
     assert {16, 32, 64} <= {length for _, length in runner.steps}, runner.steps
-    assert len(admissions) == len(jobs) and set(admissions) == {0, 1, 2}  # slots reused by new requests
+    used = [slot for _, slot in admissions]
+    assert len(used) == len(jobs) and set(used) == {0, 1, 2}  # slots reused by new requests
     assert together == alone
     assert all(len(t) == n for t, (_, n) in zip(together, jobs))
-    eager_alone, _, _, eager = _staggered(gpu, jobs[:1], dataclasses.replace(limits, cuda_graphs="off"))
+    eager_alone, _, _, eager = staggered_run(gpu, jobs[:1], dataclasses.replace(limits, cuda_graphs="off"))
     assert eager._runner is None and eager_alone == alone[:1]
-    on_cpu, _, _, _ = _staggered(cpu, jobs, dataclasses.replace(limits, kv_cache="padded", cuda_graphs="off"))
+    on_cpu, _, _, _ = staggered_run(cpu, jobs, dataclasses.replace(limits, kv_cache="padded", cuda_graphs="off"))
     assert on_cpu == alone
 
 

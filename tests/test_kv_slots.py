@@ -3,14 +3,12 @@ with staggered joins and leaves and slots reused by new requests; a prompt that 
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
 from conftest import chat_ids, start_server
+from engine_runs import staggered_run
 from model_service.llm.engine import Engine, EngineLimits
-from model_service.llm.sampling import SamplingParams
 from tiny_models import build_tiny_glm, load_spread_glm
 
 
@@ -19,47 +17,6 @@ def glm(tmp_path_factory):
     path = tmp_path_factory.mktemp("glm-slots")
     build_tiny_glm(path)
     return load_spread_glm(path)
-
-
-async def generate(engine, ids, max_tokens):
-    tokens = []
-    async for out in engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)):
-        tokens += out.token_ids
-    return tokens
-
-
-def staggered_run(loaded, jobs, limits: EngineLimits):
-    """Each job alone, then all of them arriving staggered; also records the slot of every admission."""
-    async def main():
-        engine = Engine(loaded, limits)
-        engine.start()
-        slots: list[tuple[int, int]] = []
-        original = engine._scheduler.complete_prefill
-
-        def spy(plan, joined):
-            slots.extend((s.id, s.slot) for s in plan.sequences)
-            original(plan, joined)
-
-        engine._scheduler.complete_prefill = spy
-        try:
-            alone = [await generate(engine, ids, n) for ids, n in jobs]
-            slots.clear()
-
-            async def late(ids, n, delay):
-                await asyncio.sleep(delay)
-                return await generate(engine, ids, n)
-
-            # The first max_running_requests arrive at once, so every slot is taken whatever the machine's
-            # speed (a tiny model can finish a request within a 50 ms stagger); the rest join staggered, each
-            # into a slot a finished request left.
-            first = limits.max_running_requests
-            together = await asyncio.wait_for(asyncio.gather(
-                *(late(ids, n, 0 if i < first else 0.05 * i) for i, (ids, n) in enumerate(jobs))), timeout=600)
-            return alone, together, slots, engine
-        finally:
-            engine.shutdown()
-
-    return asyncio.run(main())
 
 
 def test_tiny_glm_batched_equals_alone_with_joins_leaves_and_reused_slots(glm):
