@@ -111,6 +111,12 @@ class Settings(BaseSettings):
         "batch runs in the smallest bucket that holds its highest slot. Default: 1,2,4,8,16,24,32,48,64,96,... up "
         "to --max-running-requests, which is always one."
     )
+    torch_compile: bool = Field(
+        False, description="Compile the fixed-shape decode step with torch.compile before its CUDA graphs are "
+        "captured: the graphs then replay fused kernels instead of every small kernel of every layer. Start-up "
+        "takes longer (two compiles, whatever the batch buckets); a compile that fails is logged and the step "
+        "runs uncompiled. Needs --cuda-graphs auto, on or eager (on a CPU: the compiled steps, uncaptured)."
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."
     )

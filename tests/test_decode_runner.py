@@ -7,11 +7,16 @@ everything but the capture itself is checked here, token for token; tests/test_g
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import chat_ids
-from engine_runs import staggered_run
+from engine_runs import generate, staggered_run
 from model_service.config import Settings, parse_batch_sizes
 from model_service.llm import decode_runner
 from model_service.llm.decode_runner import default_batch_sizes, length_buckets
@@ -51,6 +56,10 @@ def test_batch_sizes_flag_and_env(monkeypatch):
     assert settings.cuda_graphs == "off" and settings.cuda_graph_batch_sizes == "1,3"
     with pytest.raises(ValueError, match="comma"):
         Settings(_cli_parse_args=["--cuda-graph-batch-sizes", "1;2"])
+    assert Settings(_cli_parse_args=[]).torch_compile is False
+    assert Settings(_cli_parse_args=["--torch-compile"]).torch_compile is True
+    monkeypatch.setenv("MODEL_SERVICE_TORCH_COMPILE", "true")
+    assert Settings(_cli_parse_args=[]).torch_compile is True
 
 
 def test_static_decode_is_off_on_the_cpu_by_default_and_refused_where_it_cannot_run(glm):
@@ -64,6 +73,10 @@ def test_static_decode_is_off_on_the_cpu_by_default_and_refused_where_it_cannot_
                                       cuda_graph_batch_sizes=(2, 4, 16)))
     assert engine._slots is not None  # eager static steps imply the slot cache
     assert engine._runner.batch_sizes == (2, 4, 5) and engine._runner.graphs == 0
+    with pytest.raises(ValueError, match="--torch-compile compiles the fixed-shape decode step"):
+        Engine(glm, EngineLimits(torch_compile=True, cuda_graphs="off"))
+    with pytest.raises(ValueError, match="--torch-compile decodes over the slot cache"):
+        Engine(glm, EngineLimits(torch_compile=True, kv_cache="padded"))
 
 
 def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, monkeypatch):
@@ -71,16 +84,28 @@ def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, m
     buckets (1, 2, 3) and read lengths (16, 32, 64, ...) mid-stream; every request's greedy tokens equal its
     tokens alone and the padded cache's (an independent implementation)."""
     monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)
-    words = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
-             "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
-             " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks
-    jobs = [(glm.tokenizer(w, add_special_tokens=False).input_ids, 6 + 5 * (i % 4) + (i == 7) * 20)
-            for i, w in enumerate(words)]
+    jobs = staggered_jobs(glm)
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
                           cuda_graphs="eager", cuda_graph_batch_sizes=(1, 2))
     alone, together, slots, engine = staggered_run(glm, jobs, limits)
     runner = engine._runner
-    assert runner is not None and runner.batch_sizes == (1, 2, 3)
+    assert runner is not None and runner.batch_sizes == (1, 2, 3) and not runner.compiled
+    assert_staggered_run_moved_through_buckets(jobs, alone, together, slots, runner)
+    padded, _, _, _ = staggered_run(glm, jobs, EngineLimits(max_running_requests=3, max_prefill_tokens=16,
+                                                             kv_cache="padded"))
+    assert padded == alone
+
+
+def staggered_jobs(glm) -> list[tuple[list[int], int]]:
+    words = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
+             "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
+             " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks
+    return [(glm.tokenizer(w, add_special_tokens=False).input_ids, 6 + 5 * (i % 4) + (i == 7) * 20)
+            for i, w in enumerate(words)]
+
+
+def assert_staggered_run_moved_through_buckets(jobs, alone, together, slots, runner) -> None:
+    """Every request got its tokens alone, through 3 reused slots, in several row and length buckets."""
     assert together == alone
     assert all(len(t) == n for t, (_, n) in zip(together, jobs))
     assert len(slots) == len(jobs) and {slot for _, slot in slots} == {0, 1, 2}  # slots reused
@@ -88,10 +113,49 @@ def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, m
     lengths_used = {length for _, length in runner.steps}
     assert {1, 3} <= rows_used, runner.steps  # alone: 1 row; three at once: 3
     assert {16, 32, 64} <= lengths_used, runner.steps
-    assert runner.replays == 0  # eager: nothing captured on the CPU
-    padded, _, _, _ = staggered_run(glm, jobs, EngineLimits(max_running_requests=3, max_prefill_tokens=16,
-                                                             kv_cache="padded"))
-    assert padded == alone
+    assert runner.replays == 0  # nothing captured on the CPU
+
+
+def test_compiled_fixed_shape_steps_give_the_same_tokens_with_two_compiles_for_every_bucket(glm, monkeypatch):
+    """--torch-compile on the CPU: the compiled step (uncaptured) serves the same staggered run token for token
+    (the eager fixed-shape steps and the padded cache are checked against the same tokens above), and the batch
+    moving through row buckets 1..3 and read lengths 16..128 costs two compiles (one row; 2 rows and more), not
+    one per bucket: with 20 buckets on a GPU, that is minutes of start-up saved."""
+    monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)
+    jobs = staggered_jobs(glm)
+    compiles = counters["stats"]["unique_graphs"]
+    limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
+                          cuda_graph_batch_sizes=(1, 2), torch_compile=True)  # auto: no capture on the CPU
+    alone, together, slots, engine = staggered_run(glm, jobs, limits)
+    runner = engine._runner
+    assert runner.compiled and runner.compile_seconds is not None
+    assert_staggered_run_moved_through_buckets(jobs, alone, together, slots, runner)
+    with torch.inference_mode():  # and every other bucket, on idle rows (they write to the scratch column only)
+        for rows in runner.batch_sizes:
+            for length in runner.lengths:
+                runner._forward(rows, length)
+    assert counters["stats"]["unique_graphs"] - compiles <= 2  # none at all when an earlier test compiled it
+    eager, _, _, _ = staggered_run(glm, jobs, dataclasses.replace(limits, torch_compile=False, cuda_graphs="eager"))
+    assert eager == alone
+
+
+def test_a_failed_compile_is_logged_and_the_step_runs_uncompiled(glm, monkeypatch, caplog):
+    def broken(self):
+        raise RuntimeError("inductor broke")
+
+    monkeypatch.setattr(decode_runner.StaticDecodeRunner, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="model_service.llm.engine"):
+        engine = Engine(glm, EngineLimits(max_running_requests=2, torch_compile=True))
+    assert "torch.compile of the decode step failed; running it uncompiled: RuntimeError: inductor broke" in (
+        caplog.text)
+    assert engine._runner is not None and not engine._runner.compiled
+    ids = glm.tokenizer("hello world", add_special_tokens=False).input_ids
+    alone, _, _, _ = staggered_run(glm, [(ids, 5)], EngineLimits(max_running_requests=2, cuda_graphs="eager"))
+    engine.start()
+    try:
+        assert asyncio.run(generate(engine, ids, 5)) == alone[0]
+    finally:
+        engine.shutdown()
 
 
 def test_embedded_model_fixed_shape_steps_batched_equal_alone(smollm):
@@ -124,3 +188,29 @@ def test_cuda_graphs_on_without_a_gpu_is_a_clear_startup_error():
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot start: --cuda-graphs on needs a CUDA device" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_grouped_decode_attention_equals_attention_over_repeated_kv_heads():
+    """The compiled step's attention (one query token per row, GLM-4's grouped KV heads read as they are) gives
+    what transformers computes with the KV heads copied once per query head."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, length, dim = 3, 8, 2, 20, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    query = torch.randn(rows, heads, 1, dim)
+    key, value = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    mask = (torch.arange(length)[None, :] <= torch.tensor([[4], [19], [0]]))[:, None, None, :]
+    out, _ = decode_runner.grouped_decode_sdpa(module, query, key, value, mask, scaling=dim ** -0.5)
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=dim ** -0.5)
+    assert out.shape == (rows, 1, heads, dim)  # transformers' layout: [rows, tokens, heads, dim]
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+    # a prompt (several query tokens) goes to transformers' own sdpa unchanged
+    prompt = torch.randn(1, heads, 5, dim)
+    out, _ = decode_runner.grouped_decode_sdpa(module, prompt, key[:1, :, :5], value[:1, :, :5], None)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        prompt, repeat_kv(key[:1, :, :5], groups), repeat_kv(value[:1, :, :5], groups), is_causal=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2))

@@ -75,6 +75,9 @@ class EngineLimits:
     # run without capture (any device); "off": eager steps shaped to the batch
     cuda_graphs: str = "auto"
     cuda_graph_batch_sizes: tuple[int, ...] = ()  # the batch buckets; (): decode_runner.default_batch_sizes
+    # compile the fixed-shape decode step (torch.compile) before capture; on the CPU it implies cuda_graphs
+    # "eager" (the compiled steps, uncaptured)
+    torch_compile: bool = False
 
 
 @dataclass
@@ -148,40 +151,69 @@ class Engine:
         if graphs == "on" and self._device.type != "cuda":
             raise ValueError(f"--cuda-graphs on needs a CUDA device; the model is on {self._device} "
                              "(use auto, or eager for the same fixed-shape steps without capture)")
-        static = graphs in ("on", "eager")
+        if self.limits.torch_compile and graphs == "off":
+            raise ValueError("--torch-compile compiles the fixed-shape decode step: it needs --cuda-graphs auto, "
+                             "on or eager, not off")
+        static = graphs in ("on", "eager") or self.limits.torch_compile
         if static and mode == "padded":
-            raise ValueError(f"--cuda-graphs {graphs} decodes over the slot cache: use --kv-cache slots or auto")
+            flag = f"--cuda-graphs {graphs}" if graphs != "auto" else "--torch-compile"
+            raise ValueError(f"{flag} decodes over the slot cache: use --kv-cache slots or auto")
         return mode == "slots" or (mode == "auto" and (self._device.type == "cuda" or static))
 
     def _static_decode(self) -> StaticDecodeRunner | None:
         """The fixed-shape decode runner, its graphs captured now (so the first request is not slow); None to
         decode eagerly in shapes of the batch. A capture that fails leaves the engine serving, eagerly."""
         graphs = self.limits.cuda_graphs
-        if graphs == "off" or (graphs == "auto" and self._device.type != "cuda"):
+        if graphs == "off" or (graphs == "auto" and self._device.type != "cuda" and not self.limits.torch_compile):
             return None
-        runner = StaticDecodeRunner(self._model, self._slots, self._pad_id, self.limits.cuda_graph_batch_sizes)
-        if graphs == "eager":
-            log.info("decode: fixed-shape steps run eagerly (--cuda-graphs eager)",
+        runner = StaticDecodeRunner(self._model, self._slots, self._pad_id, self.limits.cuda_graph_batch_sizes,
+                                    compile=self.limits.torch_compile)
+        if runner.compiled:
+            self._compile(runner)
+        if graphs == "eager" or self._device.type != "cuda":
+            log.info("decode: fixed-shape steps run without capture (%s)",
+                     "compiled" if runner.compiled else "eagerly",
                      extra={"batch_sizes": list(runner.batch_sizes), "lengths": list(runner.lengths)})
             return runner
-        try:
-            runner.capture()
-        except Exception as exc:  # noqa: BLE001 - whatever breaks capture, the pod must still serve
-            runner.discard_graphs()
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-            log.warning("CUDA graph capture failed; decoding eagerly: %s: %s", type(exc).__name__, reason,
-                        extra={"error": type(exc).__name__})
+        while True:
             try:
-                torch.cuda.synchronize(self._device)
-            except Exception:  # noqa: BLE001 - reported above; the first step will say more
-                pass
-            return None
-        log.info("CUDA graphs: %d decode graphs captured in %.1f s (batch sizes %s; read lengths %s)",
-                 runner.graphs, runner.capture_seconds, ",".join(map(str, runner.batch_sizes)),
-                 ",".join(map(str, runner.lengths)),
+                runner.capture()
+                break
+            except Exception as exc:  # noqa: BLE001 - whatever breaks capture, the pod must still serve
+                runner.discard_graphs()
+                fallback = "capturing the uncompiled step" if runner.compiled else "decoding eagerly"
+                self._warn_failed("CUDA graph capture", fallback, exc)
+                try:
+                    torch.cuda.synchronize(self._device)
+                except Exception:  # noqa: BLE001 - reported above; the first step will say more
+                    pass
+                if not runner.compiled:
+                    return None
+                runner.uncompile()
+        log.info("CUDA graphs: %d decode graphs%s captured in %.1f s (batch sizes %s; read lengths %s)",
+                 runner.graphs, " of the compiled step" if runner.compiled else "", runner.capture_seconds,
+                 ",".join(map(str, runner.batch_sizes)), ",".join(map(str, runner.lengths)),
                  extra={"graphs": runner.graphs, "seconds": round(runner.capture_seconds, 2),
+                        "compiled": runner.compiled,
                         "batch_sizes": list(runner.batch_sizes), "lengths": list(runner.lengths)})
         return runner
+
+    def _compile(self, runner: StaticDecodeRunner) -> None:
+        log.info("decode: compiling the decode step (torch.compile; minutes for a large model)")
+        try:
+            runner.compile()
+        except Exception as exc:  # noqa: BLE001 - a compiler problem must not keep the pod from serving
+            runner.uncompile()
+            self._warn_failed("torch.compile of the decode step", "running it uncompiled", exc)
+            return
+        log.info("decode: step compiled in %.1f s", runner.compile_seconds,
+                 extra={"seconds": round(runner.compile_seconds, 2)})
+
+    @staticmethod
+    def _warn_failed(what: str, fallback: str, exc: Exception) -> None:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        log.warning("%s failed; %s: %s: %s", what, fallback, type(exc).__name__, reason,
+                    extra={"error": type(exc).__name__})
 
     def _allocate_slots(self) -> SlotKVCache:
         """Preallocate one KV slot per running request; lower the context length to what a slot holds."""

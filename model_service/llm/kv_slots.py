@@ -40,9 +40,10 @@ class SlotLayer(DynamicLayer):
         # [slots, max_len+1, heads, dim] views: one index_put writes every (row, position) of this step
         self.keys.transpose(1, 2)[o.write_rows, o.write_cols] = key_states.transpose(1, 2)
         self.values.transpose(1, 2)[o.write_rows, o.write_cols] = value_states.transpose(1, 2)
-        if o.read_rows is None:  # a prefill from position 0 attends to its own tokens only
+        if not o.reads_cache:  # a prefill from position 0 attends to its own tokens only
             return key_states, value_states
-        return self.keys[o.read_rows, :, : o.read_len], self.values[o.read_rows, :, : o.read_len]
+        rows = slice(o.read_start, o.read_stop)
+        return self.keys[rows, :, : o.read_len], self.values[rows, :, : o.read_len]
 
     def get_seq_length(self) -> int:
         return self.owner.read_len
@@ -63,8 +64,11 @@ class SlotKVCache:
         self.cache = Cache(layers=self.layers)
         # set before every forward pass
         self.write_rows = self.write_cols = torch.zeros((0, 0), dtype=torch.long)
-        self.read_rows: slice | None = None
-        self.read_len = 0
+        # the slots read: rows read_start..read_stop-1, columns :read_len. Plain ints, not a slice object kept
+        # here: torch.compile traces them as symbolic sizes (decode_runner.py), but a stored slice would pin
+        # them to one batch size
+        self.reads_cache = False
+        self.read_start = self.read_stop = self.read_len = 0
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -75,12 +79,15 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
 
-    def bind(self, rows: torch.Tensor, cols: torch.Tensor, read_rows: slice | None, read_len: int) -> None:
+    def bind(self, rows: torch.Tensor, cols: torch.Tensor, read_rows: tuple[int, int] | None, read_len: int) -> None:
         """Where the next forward pass writes (token j of row i to slot ``rows[i, j]``, column ``cols[i, j]``)
-        and what it reads (slots ``read_rows``, columns ``:read_len``; None: only this step's tokens)."""
+        and what it reads (slots ``read_rows[0]`` up to ``read_rows[1]``, columns ``:read_len``; None: only this
+        step's tokens)."""
         self.write_rows = rows.to(self.device, non_blocking=True)
         self.write_cols = cols.to(self.device, non_blocking=True)
-        self.read_rows, self.read_len = read_rows, read_len
+        self.reads_cache = read_rows is not None
+        self.read_start, self.read_stop = read_rows or (0, 0)
+        self.read_len = read_len
 
     # ------------------------------------------------------------------ one step's inputs
     def prefill(self, prompts: list[list[int]], slots: list[int], pad_id: int):
@@ -110,7 +117,7 @@ class SlotKVCache:
         input_ids = torch.tensor([prompt[start:end]], dtype=torch.long)
         positions = torch.arange(start, end)[None, :]
         mask = (torch.arange(end)[None, :] <= positions[0][:, None])[None, None]  # [1, 1, T, end]
-        self.bind(torch.full((1, end - start), slot, dtype=torch.long), positions, slice(slot, slot + 1), end)
+        self.bind(torch.full((1, end - start), slot, dtype=torch.long), positions, (slot, slot + 1), end)
         return input_ids, mask, positions
 
     def decode(self, last_tokens: dict[int, int], positions: dict[int, int], pad_id: int):
@@ -127,5 +134,5 @@ class SlotKVCache:
             pos[slot] = cols[slot] = positions[slot]
         read_len = min(self.max_len, (int(pos.max()) // 64 + 1) * 64)
         mask = torch.arange(read_len)[None, :] <= pos[:, None]  # [rows, read_len]: idle rows see column 0
-        self.bind(torch.arange(rows)[:, None], cols[:, None], slice(0, rows), read_len)
+        self.bind(torch.arange(rows)[:, None], cols[:, None], (0, rows), read_len)
         return input_ids, mask[:, None, None, :], pos[:, None], rows

@@ -57,6 +57,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_batch_sizes=parse_batch_sizes(settings.cuda_graph_batch_sizes),
+        torch_compile=settings.torch_compile,
     )
 
 
