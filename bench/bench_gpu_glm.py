@@ -8,7 +8,9 @@ forward compiled) at batch 1 and 32, and the measured HBM bandwidth (a device-to
 roofline it implies (weights bytes / bandwidth per decode step). Results to bench/results/gpu-glm4-9b.md.
 One engine serves every concurrency level, so its CUDA graphs (--cuda-graphs auto) are captured once; the
 capture time and how many steps were graph replays are part of the results, next to the same engine with
---cuda-graphs off at concurrency 1 and 32 (the eager decode it replaces).
+--torch-compile (its graphs replay the compiled step) and with --cuda-graphs off (the eager decode the graphs
+replace), each at concurrency 1 and 32. The results file is rewritten after each phase, so a run cut short by
+a time limit keeps what finished.
 
     python bench/bench_gpu_glm.py            # `make bench-gpu`; a few minutes on an H100/H200
     python bench/bench_gpu_glm.py --smoke    # the whole script on tiny shapes on the CPU, results to /tmp
@@ -100,11 +102,13 @@ def engine_run(engine: Engine, concurrency: int, prompt_len: int, new_tokens: in
     return asyncio.run(main())
 
 
-def run_engine(loaded, cuda_graphs: str, levels: list[int], args, label: str = "engine") -> tuple[list, str]:
+def run_engine(loaded, cuda_graphs: str, levels: list[int], args, label: str = "engine",
+               torch_compile: bool = False) -> tuple[list, str]:
     """One engine for all concurrency levels (its graphs captured once); freed before returning."""
     started = time.perf_counter()
     engine = Engine(loaded, EngineLimits(max_running_requests=max(args.concurrency), max_waiting_requests=64,
-                                         max_prefill_tokens=4096, cuda_graphs=cuda_graphs))
+                                         max_prefill_tokens=4096, cuda_graphs=cuda_graphs,
+                                         torch_compile=torch_compile))
     print(f"{label} ready in {time.perf_counter() - started:.1f} s", flush=True)
     engine.start()
     rows = []
@@ -130,10 +134,11 @@ def decode_mode(engine: Engine) -> str:
     if runner is None:
         return "eager decode steps shaped to the batch (no CUDA graphs)"
     steps = sum(runner.steps.values())
+    compiled = f"step compiled in {runner.compile_seconds:.1f} s, " if runner.compiled else ""
     if not runner.graphs:
-        return f"fixed-shape decode steps run eagerly ({steps} steps; --cuda-graphs eager)"
-    return (f"{runner.graphs} CUDA graphs captured at start-up in {runner.capture_seconds:.1f} s (batch buckets "
-            f"{','.join(map(str, runner.batch_sizes))}; read lengths {','.join(map(str, runner.lengths))}); "
+        return f"{compiled}fixed-shape decode steps run without capture ({steps} steps)"
+    return (f"{compiled}{runner.graphs} CUDA graphs captured at start-up in {runner.capture_seconds:.1f} s (batch "
+            f"buckets {','.join(map(str, runner.batch_sizes))}; read lengths {','.join(map(str, runner.lengths))}); "
             f"{runner.replays} of {steps} decode steps were graph replays")
 
 
@@ -185,6 +190,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off", "eager"])
+    parser.add_argument("--compiled", type=int, nargs="*", default=[1, 32],
+                        help="concurrency levels to rerun with --torch-compile (none: skip)")
     parser.add_argument("--eager-baseline", type=int, nargs="*", default=[1, 32],
                         help="concurrency levels to rerun with --cuda-graphs off (none: skip)")
     parser.add_argument("--out", default=None, help="default: bench/results/gpu-glm4-9b.md (--smoke: a temp file)")
@@ -196,7 +203,7 @@ def main() -> None:
         args.shape, args.device, args.dtype = "tiny", "cpu", "float32"
         args.cuda_graphs = "eager" if args.cuda_graphs == "auto" else args.cuda_graphs
         args.concurrency, args.generate_batches, args.prompt_tokens, args.new_tokens = [1, 2], [1, 2], 32, 8
-        args.eager_baseline = [2]
+        args.eager_baseline = args.compiled = [2]
         args.out = args.out or str(Path(tempfile.gettempdir()) / "gpu-glm-smoke.md")
     out = Path(args.out or ROOT / "bench" / "results" / "gpu-glm4-9b.md")
     dtype = getattr(torch, args.dtype)
@@ -209,39 +216,72 @@ def main() -> None:
     print(f"{device}: weights {weights / 1e9:.1f} GB, HBM {bandwidth / 1e12:.2f} TB/s, "
           f"roofline {step_s * 1000:.2f} ms/step", flush=True)
 
-    rows, mode = run_engine(loaded, args.cuda_graphs, args.concurrency, args)
-    print(f"decode: {mode}", flush=True)
-    # the same engine decoding eagerly (--cuda-graphs off), in the same run: what the graphs are worth
-    eager_rows = []
-    if args.eager_baseline and args.cuda_graphs != "off":
-        eager_rows, _ = run_engine(loaded, "off", args.eager_baseline, args, label="eager engine")
-    generate = {}
+    results = Results(args, device, weights, bandwidth, step_s, out)
+    results.rows, results.mode = run_engine(loaded, args.cuda_graphs, args.concurrency, args)
+    print(f"decode: {results.mode}", flush=True)
+    results.write()
     for b in args.generate_batches:
-        generate[b] = static_generate_run(loaded, b, args.prompt_tokens, args.new_tokens)
-        print(f"static compiled generate batch {b}: {generate[b]:.0f} tok/s", flush=True)
-
-    lines = [
-        f"# Engine on a GPU: GLM-4-9B shapes ({args.shape}, {args.dtype})", "",
-        f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, torch {torch.__version__}; random weights "
-        f"({weights / 1e9:.1f} GB); prompts ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens "
-        "(ignore_eos), greedy; the engine driven in-process; one run of `python bench/bench_gpu_glm.py"
-        f"{' --smoke' if args.smoke else ''}`.",
-        f"Measured HBM bandwidth {bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode step.",
-        f"Engine decode: {mode}.", "",
-        "| concurrency | engine tok/s | TTFT p50 (ms) | ITL p50 (ms) | static compiled generate tok/s | "
-        "engine / generate | roofline tok/s | eager engine (graphs off) tok/s, ITL p50 (ms) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    eager = dict(eager_rows)
-    for c, r in rows:
-        g, e = generate.get(c), eager.get(c)
-        vs_generate = f"{g:.0f} | {r['tokens_per_s'] / g:.2f}x" if g else "n/a | n/a"
-        vs_eager = f"{e['tokens_per_s']:.0f}, {e['itl_p50_ms']:.1f}" if e else "n/a"
-        lines.append(f"| {c} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
-                     f"{vs_generate} | {c / step_s:.0f} | {vs_eager} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+        results.generate[b] = static_generate_run(loaded, b, args.prompt_tokens, args.new_tokens)
+        print(f"static compiled generate batch {b}: {results.generate[b]:.0f} tok/s", flush=True)
+        results.write()
+    # the same engine, its graphs replaying the compiled step (--torch-compile), in the same run
+    if args.compiled and args.cuda_graphs != "off":
+        rows, results.compiled_mode = run_engine(loaded, args.cuda_graphs, args.compiled, args,
+                                                 label="compiled engine", torch_compile=True)
+        results.compiled = dict(rows)
+        print(f"compiled decode: {results.compiled_mode}", flush=True)
+        results.write()
+    # the same engine decoding eagerly (--cuda-graphs off), in the same run: what the graphs are worth
+    if args.eager_baseline and args.cuda_graphs != "off":
+        rows, _ = run_engine(loaded, "off", args.eager_baseline, args, label="eager engine")
+        results.eager = dict(rows)
+        results.write()
     print(out.read_text())
+
+
+class Results:
+    """What the run measured so far, as the markdown table of bench/results/gpu-glm4-9b.md."""
+
+    def __init__(self, args, device: str, weights: int, bandwidth: float, step_s: float, out: Path) -> None:
+        self.args, self.device, self.weights, self.bandwidth, self.step_s, self.out = (
+            args, device, weights, bandwidth, step_s, out)
+        self.rows: list = []
+        self.mode = self.compiled_mode = ""
+        self.generate: dict[int, float] = {}
+        self.compiled: dict[int, dict] = {}
+        self.eager: dict[int, dict] = {}
+
+    def write(self) -> None:
+        args, step_s = self.args, self.step_s
+        lines = [
+            f"# Engine on a GPU: GLM-4-9B shapes ({args.shape}, {args.dtype})", "",
+            f"{time.strftime('%Y-%m-%d %H:%M')}, {self.device}, torch {torch.__version__}; random weights "
+            f"({self.weights / 1e9:.1f} GB); prompts ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+            "(ignore_eos), greedy; the engine driven in-process; one run of `python bench/bench_gpu_glm.py"
+            f"{' --smoke' if args.smoke else ''}`.",
+            f"Measured HBM bandwidth {self.bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode "
+            "step.",
+            f"Engine decode: {self.mode}.",
+        ]
+        if self.compiled_mode:
+            lines.append(f"Compiled engine (--torch-compile) decode: {self.compiled_mode}.")
+        lines += [
+            "", "| concurrency | engine tok/s | TTFT p50 (ms) | ITL p50 (ms) | static compiled generate tok/s | "
+            "engine / generate | roofline tok/s | compiled engine (--torch-compile) tok/s, ITL p50 (ms), / generate "
+            "| eager engine (graphs off) tok/s, ITL p50 (ms) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c, r in self.rows:
+            g, e, k = self.generate.get(c), self.eager.get(c), self.compiled.get(c)
+            vs_generate = f"{g:.0f} | {r['tokens_per_s'] / g:.2f}x" if g else "n/a | n/a"
+            compiled = (f"{k['tokens_per_s']:.0f}, {k['itl_p50_ms']:.1f}"
+                        + (f", {k['tokens_per_s'] / g:.2f}x" if g else "")) if k else "n/a"
+            vs_eager = f"{e['tokens_per_s']:.0f}, {e['itl_p50_ms']:.1f}" if e else "n/a"
+            lines.append(f"| {c} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
+                         f"{vs_generate} | {c / step_s:.0f} | {compiled} | {vs_eager} |")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text("\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 14 in one go, on a machine where torch sees a CUDA GPU (a few minutes on an H100/H200):
-# tests/test_gpu.py (the engine on CUDA, its CUDA graphs replaying the right tokens), then the benches of
-# `make bench-gpu`.
+# tests/test_gpu.py (the engine on CUDA, its CUDA graphs replaying the right tokens, with and without
+# --torch-compile), then the benches of `make bench-gpu`.
 # Logs and the bench/results/gpu*.md it writes are copied to $OUT when set (the device machine's result folder).
 #
 #     bash scripts/gpu_check.sh
@@ -11,6 +11,13 @@ PY=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 export PYTHONUNBUFFERED=1
 DEST=${OUT:-}
 log() { if [ -n "$DEST" ]; then tee -a "$DEST/$1"; else cat; fi; }
+if [ -n "$DEST" ]; then
+  # bench_gpu_glm.py rewrites its results after each phase: a run stopped at the device's time limit still
+  # brings back every phase that finished
+  ( while sleep 10; do cp bench/results/gpu*.md "$DEST"/ 2>/dev/null; done ) &
+  copier=$!
+  trap 'kill $copier 2>/dev/null' EXIT
+fi
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
          "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())' 2>&1 | log gpu-check.log
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | log gpu-check.log
