@@ -8,9 +8,9 @@ forward compiled) at batch 1 and 32, and the measured HBM bandwidth (a device-to
 roofline it implies (weights bytes / bandwidth per decode step). Results to bench/results/gpu-glm4-9b.md.
 One engine serves every concurrency level, so its CUDA graphs (--cuda-graphs auto) are captured once; the
 capture time and how many steps were graph replays are part of the results, next to the same engine with
---torch-compile (its graphs replay the compiled step) and with --cuda-graphs off (the eager decode the graphs
-replace), each at concurrency 1 and 32. The results file is rewritten after each phase, so a run cut short by
-a time limit keeps what finished.
+--torch-compile (its graphs replay the compiled step) at every concurrency level and with --cuda-graphs off
+(the eager decode the graphs replace) at concurrency 1 and 32. The results file is rewritten after each
+phase, so a run cut short by a time limit keeps what finished.
 
     python bench/bench_gpu_glm.py            # `make bench-gpu`; a few minutes on an H100/H200
     python bench/bench_gpu_glm.py --smoke    # the whole script on tiny shapes on the CPU, results to /tmp
@@ -190,8 +190,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off", "eager"])
-    parser.add_argument("--compiled", type=int, nargs="*", default=[1, 32],
-                        help="concurrency levels to rerun with --torch-compile (none: skip)")
+    parser.add_argument("--compiled", type=int, nargs="*", default=None,
+                        help="concurrency levels to rerun with --torch-compile (default: all of --concurrency; "
+                             "none: skip). The compiles cost most of it; each level adds seconds")
     parser.add_argument("--eager-baseline", type=int, nargs="*", default=[1, 32],
                         help="concurrency levels to rerun with --cuda-graphs off (none: skip)")
     parser.add_argument("--out", default=None, help="default: bench/results/gpu-glm4-9b.md (--smoke: a temp file)")
@@ -205,6 +206,8 @@ def main() -> None:
         args.concurrency, args.generate_batches, args.prompt_tokens, args.new_tokens = [1, 2], [1, 2], 32, 8
         args.eager_baseline = args.compiled = [2]
         args.out = args.out or str(Path(tempfile.gettempdir()) / "gpu-glm-smoke.md")
+    if args.compiled is None:
+        args.compiled = args.concurrency
     out = Path(args.out or ROOT / "bench" / "results" / "gpu-glm4-9b.md")
     dtype = getattr(torch, args.dtype)
 
