@@ -21,6 +21,7 @@ from model_service.config import Settings, parse_batch_sizes
 from model_service.llm import decode_runner
 from model_service.llm.decode_runner import default_batch_sizes, length_buckets
 from model_service.llm.engine import Engine, EngineLimits
+from model_service.server.main import engine_limits
 from tiny_models import build_tiny_glm, load_spread_glm
 
 
@@ -56,10 +57,11 @@ def test_batch_sizes_flag_and_env(monkeypatch):
     assert settings.cuda_graphs == "off" and settings.cuda_graph_batch_sizes == "1,3"
     with pytest.raises(ValueError, match="comma"):
         Settings(_cli_parse_args=["--cuda-graph-batch-sizes", "1;2"])
-    assert Settings(_cli_parse_args=[]).torch_compile is False
-    assert Settings(_cli_parse_args=["--torch-compile"]).torch_compile is True
+    assert engine_limits(Settings(_cli_parse_args=[])).torch_compile is False
+    limits = engine_limits(Settings(_cli_parse_args=["--torch-compile", "--cuda-graph-batch-sizes", "1,4"]))
+    assert limits.torch_compile is True and limits.cuda_graph_batch_sizes == (1, 4)
     monkeypatch.setenv("MODEL_SERVICE_TORCH_COMPILE", "true")
-    assert Settings(_cli_parse_args=[]).torch_compile is True
+    assert engine_limits(Settings(_cli_parse_args=[])).torch_compile is True
 
 
 def test_static_decode_is_off_on_the_cpu_by_default_and_refused_where_it_cannot_run(glm):
