@@ -81,8 +81,10 @@ class Settings(BaseSettings):
         128, ge=0, description="Requests queued beyond the running batch; past this, 429 / RESOURCE_EXHAUSTED."
     )
     max_prefill_tokens: int = Field(
-        256, ge=16, description="Prompt tokens prefilled per engine step: arrivals are admitted in groups of this "
-        "size, and a longer prompt is prefilled in chunks of it between decode steps."
+        0, ge=0, description="Prompt tokens prefilled per engine step: arrivals are admitted in groups of this "
+        "size, and a longer prompt is prefilled in chunks of it between decode steps. 0: 256 on a CPU, 4096 on a "
+        "GPU (where an eager prefill step costs tens of ms of kernel launches whatever its size, so small groups "
+        "would keep a burst's last request waiting for seconds). Else at least 16."
     )
     max_decode_stall_s: float = Field(
         1.0, ge=0, description="While a burst of requests is prefilled first, the longest running streams may "
@@ -167,6 +169,16 @@ class Settings(BaseSettings):
     @classmethod
     def _batch_sizes(cls, value: str) -> str:
         return ",".join(map(str, parse_batch_sizes(value)))  # a clear error now for anything but 1,2,4...
+
+    @field_validator("max_prefill_tokens")
+    @classmethod
+    def _prefill_tokens(cls, value: int) -> int:
+        if 0 < value < 16:
+            raise ValueError("must be 0 (by device) or at least 16")
+        return value
+
+    def resolved_prefill_tokens(self) -> int:
+        return self.max_prefill_tokens or (4096 if self.device.startswith("cuda") else 256)
 
     def resolved_threads(self) -> int:
         import os

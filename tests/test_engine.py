@@ -353,3 +353,20 @@ async def test_a_failed_decode_fails_the_running_batch_and_the_engine_keeps_serv
         assert (await asyncio.wait_for(run(engine, ids, **vars(params)), timeout=60))[1] == expected[1]
     finally:
         engine.shutdown()
+
+
+def test_prefill_budget_defaults_by_device_and_rejects_tiny_values(monkeypatch):
+    """0 (the default) is 256 prompt tokens per step on a CPU and 4096 on a GPU, where each eager prefill step
+    costs tens of ms of launches: a burst of 32 prompts then takes 2 steps, not 32."""
+    from model_service.config import Settings
+    from model_service.server.main import engine_limits
+
+    assert engine_limits(Settings(_cli_parse_args=[])).max_prefill_tokens == 256
+    assert engine_limits(Settings(_cli_parse_args=["--device", "cuda"])).max_prefill_tokens == 4096
+    assert engine_limits(Settings(_cli_parse_args=["--device", "cuda:1"])).max_prefill_tokens == 4096
+    assert engine_limits(Settings(_cli_parse_args=["--device", "cuda", "--max-prefill-tokens", "512"])
+                         ).max_prefill_tokens == 512
+    monkeypatch.setenv("MODEL_SERVICE_MAX_PREFILL_TOKENS", "64")
+    assert engine_limits(Settings(_cli_parse_args=[])).max_prefill_tokens == 64
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings(_cli_parse_args=["--max-prefill-tokens", "8"])

@@ -49,7 +49,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
     return EngineLimits(
         max_running_requests=settings.max_running_requests,
         max_waiting_requests=settings.max_waiting_requests,
-        max_prefill_tokens=settings.max_prefill_tokens,
+        max_prefill_tokens=settings.resolved_prefill_tokens(),
         request_timeout_s=settings.request_timeout_s,
         max_decode_stall_s=settings.max_decode_stall_s,
         kv_cache=settings.kv_cache,
