@@ -305,6 +305,27 @@ def test_a_silent_stream_ends_with_an_sse_error_event_after_the_idle_timeout(gat
     assert stubs["idle"].released.wait(10), "the gateway kept the silent pod's connection open"
 
 
+def test_a_client_that_leaves_mid_stream_frees_the_pod_at_once_and_is_logged_without_reported_usage(gateway,
+                                                                                                  stubs):
+    stubs["idle"].mode = "silent"
+    stubs["idle"].released.clear()
+    before = len([e for e in gateway.access_log() if e.get("model") == "idle-model"])
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=chat("idle-model", stream=True),
+                      headers=AUTH, timeout=30) as r:
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert "first words from idle" in first
+    # the client left long before the idle timeout: the gateway lets the pod's connection go at once, so a pod
+    # stops generating for nobody
+    assert stubs["idle"].released.wait(STREAM_IDLE_TIMEOUT_S - 1), "the pod's connection outlived its client"
+    deadline = time.monotonic() + 10
+    while len(entries := [e for e in gateway.access_log() if e.get("model") == "idle-model"]) == before:
+        assert time.monotonic() < deadline, "no access log line for the stream its client left"
+        time.sleep(0.2)
+    # the pod never sent its usage: the tokens are the gateway's estimate, and the line says so
+    assert entries[-1]["status"] == 200 and entries[-1]["usage_reported"] is False, entries[-1]
+
+
 # ---------------------------------------------------------------------------------------- 2. no retry after a byte
 def test_a_stream_that_breaks_after_its_first_byte_is_not_retried(gateway, stubs):
     pods = [stubs["dying-a"], stubs["dying-b"]]
@@ -322,6 +343,12 @@ def test_a_stream_that_breaks_after_its_first_byte_is_not_retried(gateway, stubs
     assert first in ("first words from dying-a", "first words from dying-b"), data
     # the partial answer, then the end: no second pod's stream appended, no [DONE]
     assert len(data) <= 2 and "[DONE]" not in data and all("first words" not in d for d in data[1:]), data
+    # and the access log says the answer did not end normally (docs/gateway.md: `ended`)
+    deadline = time.monotonic() + 10
+    while not (broken := [e for e in gateway.access_log() if e.get("model") == "dying-model"]):
+        assert time.monotonic() < deadline, "no access log line for the broken stream"
+        time.sleep(0.2)
+    assert broken[-1]["ended"] == "onError" and broken[-1]["status"] == 200, broken[-1]
 
     # control: the same pods failing BEFORE their first byte are retried on the other pod (so a retry is visible)
     for pod in pods:
