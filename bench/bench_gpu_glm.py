@@ -111,21 +111,59 @@ def run_engine(loaded, cuda_graphs: str, levels: list[int], args, label: str = "
                                          torch_compile=torch_compile))
     print(f"{label} ready in {time.perf_counter() - started:.1f} s", flush=True)
     engine.start()
-    rows = []
+    rows, split = [], []
     try:
         for c in levels:
             r = engine_run(engine, c, args.prompt_tokens, args.new_tokens)
             rows.append((c, r))
             print(f"{label} c={c}: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
                   f"ITL p50 {r['itl_p50_ms']:.1f} ms", flush=True)
+        for c in [c for c in (1, 32) if c in levels]:
+            try:
+                split.append(replay_split(engine, c, args))
+            except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the numbers measured above
+                split.append(f"c={c}: replay timing failed: {type(exc).__name__}: {exc}")
     finally:
         engine.shutdown()
-    mode = decode_mode(engine)
+    mode = decode_mode(engine) + "".join(f"; {s}" for s in split if s)
     del engine  # its KV slots and graph pool, before the next engine or generate allocates its own
     gc.collect()  # the engine and its (stopped) thread refer to each other
     if loaded.model.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows, mode
+
+
+def replay_split(engine: Engine, concurrency: int, args) -> str:
+    """Where a decode step's time goes: the graph's own time on the GPU (CUDA events around each replay) against
+    the time between tokens, in a short extra run (32 tokens), so the timed runs above carry no events. What the
+    GPU does not account for is host work between replays: if batch 1 misses its target, this says whether
+    fusing kernels (--torch-compile) or the host is the lever."""
+    runner = engine._runner
+    if runner is None or not runner.graphs:
+        return ""
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    class Timed:
+        def __init__(self, graph):
+            self.graph = graph
+
+        def replay(self):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.graph.replay()
+            end.record()
+            events.append((start, end))
+
+    graphs = dict(runner._graphs)
+    runner._graphs = {shape: Timed(graph) for shape, graph in graphs.items()}
+    try:
+        r = engine_run(engine, concurrency, args.prompt_tokens, 32)
+    finally:
+        runner._graphs = graphs
+    torch.cuda.synchronize()
+    gpu = statistics.median(start.elapsed_time(end) for start, end in events)
+    return (f"c={concurrency}: a graph replay takes {gpu:.2f} ms on the GPU (p50) of an ITL p50 of "
+            f"{r['itl_p50_ms']:.2f} ms")
 
 
 def decode_mode(engine: Engine) -> str:
