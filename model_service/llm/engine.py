@@ -154,17 +154,21 @@ class Engine:
         if self.limits.torch_compile and graphs == "off":
             raise ValueError("--torch-compile compiles the fixed-shape decode step: it needs --cuda-graphs auto, "
                              "on or eager, not off")
-        static = graphs in ("on", "eager") or self.limits.torch_compile
+        static = self._fixed_shape_steps_asked()
         if static and mode == "padded":
             flag = f"--cuda-graphs {graphs}" if graphs != "auto" else "--torch-compile"
             raise ValueError(f"{flag} decodes over the slot cache: use --kv-cache slots or auto")
         return mode == "slots" or (mode == "auto" and (self._device.type == "cuda" or static))
 
+    def _fixed_shape_steps_asked(self) -> bool:
+        """Fixed-shape decode steps asked for in so many words (on a CUDA device they are the default)."""
+        return self.limits.cuda_graphs in ("on", "eager") or self.limits.torch_compile
+
     def _static_decode(self) -> StaticDecodeRunner | None:
         """The fixed-shape decode runner, its graphs captured now (so the first request is not slow); None to
         decode eagerly in shapes of the batch. A capture that fails leaves the engine serving, eagerly."""
         graphs = self.limits.cuda_graphs
-        if graphs == "off" or (graphs == "auto" and self._device.type != "cuda" and not self.limits.torch_compile):
+        if graphs == "off" or (self._device.type != "cuda" and not self._fixed_shape_steps_asked()):
             return None
         runner = StaticDecodeRunner(self._model, self._slots, self._pad_id, self.limits.cuda_graph_batch_sizes,
                                     compile=self.limits.torch_compile)
@@ -175,21 +179,12 @@ class Engine:
                      "compiled" if runner.compiled else "eagerly",
                      extra={"batch_sizes": list(runner.batch_sizes), "lengths": list(runner.lengths)})
             return runner
-        while True:
-            try:
-                runner.capture()
-                break
-            except Exception as exc:  # noqa: BLE001 - whatever breaks capture, the pod must still serve
-                runner.discard_graphs()
-                fallback = "capturing the uncompiled step" if runner.compiled else "decoding eagerly"
-                self._warn_failed("CUDA graph capture", fallback, exc)
-                try:
-                    torch.cuda.synchronize(self._device)
-                except Exception:  # noqa: BLE001 - reported above; the first step will say more
-                    pass
-                if not runner.compiled:
-                    return None
-                runner.uncompile()
+        captured = self._capture(runner)
+        if not captured and runner.compiled:
+            runner.uncompile()
+            captured = self._capture(runner)
+        if not captured:
+            return None
         log.info("CUDA graphs: %d decode graphs%s captured in %.1f s (batch sizes %s; read lengths %s)",
                  runner.graphs, " of the compiled step" if runner.compiled else "", runner.capture_seconds,
                  ",".join(map(str, runner.batch_sizes)), ",".join(map(str, runner.lengths)),
@@ -197,6 +192,20 @@ class Engine:
                         "compiled": runner.compiled,
                         "batch_sizes": list(runner.batch_sizes), "lengths": list(runner.lengths)})
         return runner
+
+    def _capture(self, runner: StaticDecodeRunner) -> bool:
+        try:
+            runner.capture()
+            return True
+        except Exception as exc:  # noqa: BLE001 - whatever breaks capture, the pod must still serve
+            runner.discard_graphs()
+            fallback = "capturing the uncompiled step" if runner.compiled else "decoding eagerly"
+            self._warn_failed("CUDA graph capture", fallback, exc)
+            try:
+                torch.cuda.synchronize(self._device)
+            except Exception:  # noqa: BLE001 - reported above; the first step will say more
+                pass
+            return False
 
     def _compile(self, runner: StaticDecodeRunner) -> None:
         log.info("decode: compiling the decode step (torch.compile; minutes for a large model)")
