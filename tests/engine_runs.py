@@ -9,6 +9,19 @@ from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.sampling import SamplingParams
 
 
+STAGGERED_TEXTS = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
+                   "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
+                   " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks of 16
+
+
+def staggered_jobs(tokenizer, long_extra_tokens: int = 0) -> list[tuple[list[int], int]]:
+    """The tiny GLM's 8 (prompt ids, tokens to generate) jobs for ``staggered_run`` through 3 slots: 6 to 21
+    tokens each, so requests finish at different steps; ``long_extra_tokens`` more for the long last prompt
+    (so that its decode reads past more length buckets)."""
+    return [(tokenizer(text, add_special_tokens=False).input_ids, 6 + 5 * (i % 4) + (i == 7) * long_extra_tokens)
+            for i, text in enumerate(STAGGERED_TEXTS)]
+
+
 async def generate(engine: Engine, ids: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens of one request, exactly ``max_tokens`` of them (ignore_eos)."""
     tokens = []

@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import chat_ids
-from engine_runs import generate, staggered_run
+from engine_runs import generate, staggered_jobs, staggered_run
 from model_service.config import Settings, parse_batch_sizes
 from model_service.llm import decode_runner
 from model_service.llm.decode_runner import default_batch_sizes, length_buckets
@@ -86,7 +86,7 @@ def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, m
     buckets (1, 2, 3) and read lengths (16, 32, 64, ...) mid-stream; every request's greedy tokens equal its
     tokens alone and the padded cache's (an independent implementation)."""
     monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)
-    jobs = staggered_jobs(glm)
+    jobs = staggered_jobs(glm.tokenizer, long_extra_tokens=20)
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
                           cuda_graphs="eager", cuda_graph_batch_sizes=(1, 2))
     alone, together, slots, engine = staggered_run(glm, jobs, limits)
@@ -96,14 +96,6 @@ def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, m
     padded, _, _, _ = staggered_run(glm, jobs, EngineLimits(max_running_requests=3, max_prefill_tokens=16,
                                                              kv_cache="padded"))
     assert padded == alone
-
-
-def staggered_jobs(glm) -> list[tuple[list[int], int]]:
-    words = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
-             "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
-             " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks
-    return [(glm.tokenizer(w, add_special_tokens=False).input_ids, 6 + 5 * (i % 4) + (i == 7) * 20)
-            for i, w in enumerate(words)]
 
 
 def assert_staggered_run_moved_through_buckets(jobs, alone, together, slots, runner) -> None:
@@ -124,7 +116,7 @@ def test_compiled_fixed_shape_steps_give_the_same_tokens_with_two_compiles_for_e
     moving through row buckets 1..3 and read lengths 16..128 costs two compiles (one row; 2 rows and more), not
     one per bucket: with 20 buckets on a GPU, that is minutes of start-up saved."""
     monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)
-    jobs = staggered_jobs(glm)
+    jobs = staggered_jobs(glm.tokenizer, long_extra_tokens=20)
     compiles = counters["stats"]["unique_graphs"]
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
                           cuda_graph_batch_sizes=(1, 2), torch_compile=True)  # auto: no capture on the CPU

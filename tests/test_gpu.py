@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from engine_runs import staggered_run
+from engine_runs import STAGGERED_TEXTS, staggered_jobs, staggered_run
 from model_service.llm import decode_runner
 from model_service.llm.engine import Engine, EngineLimits
 from model_service.llm.sampling import SamplingParams
@@ -26,8 +26,7 @@ from tiny_models import build_tiny_glm, load_spread_glm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-PROMPTS = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
-           "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello"]
+PROMPTS = STAGGERED_TEXTS[:6]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +112,7 @@ def test_cuda_slots_with_staggered_joins_and_reused_slots_give_the_cpu_tokens(gl
     """On CUDA the engine uses the fixed-slot cache (--kv-cache auto): requests joining and leaving a busy
     batch, through 3 slots reused by later requests, give the CPU engine's tokens."""
     cpu, gpu = load_spread_glm(glm_dir, "cpu"), load_spread_glm(glm_dir, "cuda")
-    texts = PROMPTS + ["paris is the capital", " ".join(f"w{i}" for i in range(40))]
-    jobs = [(_ids(cpu, t), 6 + 5 * (i % 4)) for i, t in enumerate(texts)]
+    jobs = staggered_jobs(cpu.tokenizer)
 
     def run(loaded, kv_cache):
         async def main():
@@ -148,8 +146,7 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
     the graphs replay the compiled step (two compiles for all 15 graphs)."""
     monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)  # read lengths 16, 32, ..., 256: several per request
     cpu, gpu = load_spread_glm(glm_dir, "cpu"), load_spread_glm(glm_dir, "cuda")
-    texts = PROMPTS + ["paris is the capital", " ".join(f"w{i}" for i in range(40))]
-    jobs = [(_ids(cpu, t), 6 + 5 * (i % 4) + (i == 7) * 20) for i, t in enumerate(texts)]
+    jobs = staggered_jobs(cpu.tokenizer, long_extra_tokens=20)
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
                           cuda_graph_batch_sizes=(1, 2), torch_compile=torch_compile)
     alone, together, admissions, engine = staggered_run(gpu, jobs, limits)

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from conftest import chat_ids, start_server
-from engine_runs import staggered_run
+from engine_runs import staggered_jobs, staggered_run
 from model_service.llm.engine import Engine, EngineLimits
 from tiny_models import build_tiny_glm, load_spread_glm
 
@@ -20,10 +20,7 @@ def glm(tmp_path_factory):
 
 
 def test_tiny_glm_batched_equals_alone_with_joins_leaves_and_reused_slots(glm):
-    words = ["what is the capital of france ?", "hello world", "the capital of france is paris .",
-             "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "what ?", "hello", "paris is the capital",
-             " ".join(f"w{i}" for i in range(40))]  # the last one is prefilled in chunks
-    jobs = [(glm.tokenizer(w, add_special_tokens=False).input_ids, 6 + 5 * (i % 4)) for i, w in enumerate(words)]
+    jobs = staggered_jobs(glm.tokenizer)  # the last one is prefilled in chunks
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
                           kv_cache="slots")
     alone, together, slots, engine = staggered_run(glm, jobs, limits)
