@@ -6,11 +6,12 @@ Prompts of ~256 tokens, 128 new tokens (ignore_eos), greedy; the engine driven i
 1, 8, 32 and 64; in the same run, transformers' ``generate`` with ``cache_implementation="static"`` (its
 forward compiled) at batch 1 and 32, and the measured HBM bandwidth (a device-to-device copy) with the
 roofline it implies (weights bytes / bandwidth per decode step). Results to bench/results/gpu-glm4-9b.md.
-One engine serves every concurrency level, so its CUDA graphs (--cuda-graphs auto) are captured once; the
-capture time and how many steps were graph replays are part of the results, next to the same engine with
---torch-compile (its graphs replay the compiled step) at every concurrency level and with --cuda-graphs off
-(the eager decode the graphs replace) at concurrency 1 and 32. The results file is rewritten after each
-phase, so a run cut short by a time limit keeps what finished.
+One engine, as a pod runs it by default (--cuda-graphs auto, --torch-compile auto: its CUDA graphs replay the
+compiled decode step), serves every concurrency level, so its step is compiled and its graphs captured once;
+the compile and capture times and how many steps were graph replays are part of the results, next to the
+same engine with --torch-compile off (graphs of the uncompiled step) at every concurrency level and with
+--cuda-graphs off (the eager decode the graphs replace) at concurrency 1 and 32. The results file is
+rewritten after each phase, so a run cut short by a time limit keeps what finished.
 
     python bench/bench_gpu_glm.py            # `make bench-gpu`; a few minutes on an H100/H200
     python bench/bench_gpu_glm.py --smoke    # the whole script on tiny shapes on the CPU, results to /tmp
@@ -103,7 +104,7 @@ def engine_run(engine: Engine, concurrency: int, prompt_len: int, new_tokens: in
 
 
 def run_engine(loaded, cuda_graphs: str, levels: list[int], args, label: str = "engine",
-               torch_compile: bool = False) -> tuple[list, str]:
+               torch_compile: str = "auto") -> tuple[list, str]:
     """One engine for all concurrency levels (its graphs captured once); freed before returning."""
     started = time.perf_counter()
     engine = Engine(loaded, EngineLimits(max_running_requests=max(args.concurrency), max_waiting_requests=64,
@@ -172,7 +173,8 @@ def decode_mode(engine: Engine) -> str:
     if runner is None:
         return "eager decode steps shaped to the batch (no CUDA graphs)"
     steps = sum(runner.steps.values())
-    compiled = f"step compiled in {runner.compile_seconds:.1f} s, " if runner.compiled else ""
+    compiled = (f"step compiled in {runner.compile_seconds:.1f} s ({runner.compile_cache_hits} of "
+                f"{runner.compiled_graphs} graphs from the cache), " if runner.compiled else "")
     if not runner.graphs:
         return f"{compiled}fixed-shape decode steps run without capture ({steps} steps)"
     return (f"{compiled}{runner.graphs} CUDA graphs captured at start-up in {runner.capture_seconds:.1f} s (batch "
@@ -228,9 +230,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off", "eager"])
-    parser.add_argument("--compiled", type=int, nargs="*", default=None,
-                        help="concurrency levels to rerun with --torch-compile (default: all of --concurrency; "
-                             "none: skip). The compiles cost most of it; each level adds seconds")
+    parser.add_argument("--torch-compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--uncompiled", type=int, nargs="*", default=None,
+                        help="concurrency levels to rerun with --torch-compile off (default: all of --concurrency; "
+                             "none: skip)")
     parser.add_argument("--eager-baseline", type=int, nargs="*", default=[1, 32],
                         help="concurrency levels to rerun with --cuda-graphs off (none: skip)")
     parser.add_argument("--out", default=None, help="default: bench/results/gpu-glm4-9b.md (--smoke: a temp file)")
@@ -242,10 +245,11 @@ def main() -> None:
         args.shape, args.device, args.dtype = "tiny", "cpu", "float32"
         args.cuda_graphs = "eager" if args.cuda_graphs == "auto" else args.cuda_graphs
         args.concurrency, args.generate_batches, args.prompt_tokens, args.new_tokens = [1, 2], [1, 2], 32, 8
-        args.eager_baseline = args.compiled = [2]
+        args.eager_baseline = args.uncompiled = [2]
+        args.torch_compile = "on"  # the compiled step, uncaptured: what auto does on a GPU, but for the capture
         args.out = args.out or str(Path(tempfile.gettempdir()) / "gpu-glm-smoke.md")
-    if args.compiled is None:
-        args.compiled = args.concurrency
+    if args.uncompiled is None:
+        args.uncompiled = args.concurrency
     out = Path(args.out or ROOT / "bench" / "results" / "gpu-glm4-9b.md")
     dtype = getattr(torch, args.dtype)
 
@@ -258,7 +262,8 @@ def main() -> None:
           f"roofline {step_s * 1000:.2f} ms/step", flush=True)
 
     results = Results(args, device, weights, bandwidth, step_s, out)
-    results.rows, results.mode = run_engine(loaded, args.cuda_graphs, args.concurrency, args)
+    results.rows, results.mode = run_engine(loaded, args.cuda_graphs, args.concurrency, args,
+                                            torch_compile=args.torch_compile)
     print(f"decode: {results.mode}", flush=True)
     results.write()
     for b in args.generate_batches:
@@ -273,16 +278,16 @@ def main() -> None:
             continue
         print(f"static compiled generate batch {b}: {results.generate[b]:.0f} tok/s", flush=True)
         results.write()
-    # the same engine, its graphs replaying the compiled step (--torch-compile), in the same run
-    if args.compiled and args.cuda_graphs != "off":
-        rows, results.compiled_mode = run_engine(loaded, args.cuda_graphs, args.compiled, args,
-                                                 label="compiled engine", torch_compile=True)
-        results.compiled = dict(rows)
-        print(f"compiled decode: {results.compiled_mode}", flush=True)
+    # the same engine, its graphs replaying the uncompiled step (--torch-compile off), in the same run
+    if args.uncompiled and args.cuda_graphs != "off" and args.torch_compile != "off":
+        rows, results.uncompiled_mode = run_engine(loaded, args.cuda_graphs, args.uncompiled, args,
+                                                   label="uncompiled engine", torch_compile="off")
+        results.uncompiled = dict(rows)
+        print(f"uncompiled decode: {results.uncompiled_mode}", flush=True)
         results.write()
     # the same engine decoding eagerly (--cuda-graphs off), in the same run: what the graphs are worth
     if args.eager_baseline and args.cuda_graphs != "off":
-        rows, _ = run_engine(loaded, "off", args.eager_baseline, args, label="eager engine")
+        rows, _ = run_engine(loaded, "off", args.eager_baseline, args, label="eager engine", torch_compile="off")
         results.eager = dict(rows)
         results.write()
     print(out.read_text())
@@ -295,9 +300,9 @@ class Results:
         self.args, self.device, self.weights, self.bandwidth, self.step_s, self.out = (
             args, device, weights, bandwidth, step_s, out)
         self.rows: list = []
-        self.mode = self.compiled_mode = ""
+        self.mode = self.uncompiled_mode = ""
         self.generate: dict[int, float] = {}
-        self.compiled: dict[int, dict] = {}
+        self.uncompiled: dict[int, dict] = {}
         self.eager: dict[int, dict] = {}
         self.notes: list[str] = []  # what failed, said under the table
 
@@ -311,24 +316,24 @@ class Results:
             f"{' --smoke' if args.smoke else ''}`.",
             f"Measured HBM bandwidth {self.bandwidth / 1e12:.2f} TB/s: roofline {step_s * 1000:.2f} ms per decode "
             "step.",
-            f"Engine decode: {self.mode}.",
+            f"Engine (--cuda-graphs {args.cuda_graphs}, --torch-compile {args.torch_compile}) decode: {self.mode}.",
         ]
-        if self.compiled_mode:
-            lines.append(f"Compiled engine (--torch-compile) decode: {self.compiled_mode}.")
+        if self.uncompiled_mode:
+            lines.append(f"Uncompiled engine (--torch-compile off) decode: {self.uncompiled_mode}.")
         lines += [
             "", "| concurrency | engine tok/s | TTFT p50 (ms) | ITL p50 (ms) | static compiled generate tok/s | "
-            "engine / generate | roofline tok/s | compiled engine (--torch-compile) tok/s, ITL p50 (ms), / generate "
-            "| eager engine (graphs off) tok/s, ITL p50 (ms) |",
+            "engine / generate | roofline tok/s | uncompiled engine (--torch-compile off) tok/s, ITL p50 (ms), / "
+            "generate | eager engine (graphs off) tok/s, ITL p50 (ms) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for c, r in self.rows:
-            g, e, k = self.generate.get(c), self.eager.get(c), self.compiled.get(c)
+            g, e, k = self.generate.get(c), self.eager.get(c), self.uncompiled.get(c)
             vs_generate = f"{g:.0f} | {r['tokens_per_s'] / g:.2f}x" if g else "n/a | n/a"
-            compiled = (f"{k['tokens_per_s']:.0f}, {k['itl_p50_ms']:.1f}"
-                        + (f", {k['tokens_per_s'] / g:.2f}x" if g else "")) if k else "n/a"
+            uncompiled = (f"{k['tokens_per_s']:.0f}, {k['itl_p50_ms']:.1f}"
+                          + (f", {k['tokens_per_s'] / g:.2f}x" if g else "")) if k else "n/a"
             vs_eager = f"{e['tokens_per_s']:.0f}, {e['itl_p50_ms']:.1f}" if e else "n/a"
             lines.append(f"| {c} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
-                         f"{vs_generate} | {c / step_s:.0f} | {compiled} | {vs_eager} |")
+                         f"{vs_generate} | {c / step_s:.0f} | {uncompiled} | {vs_eager} |")
         lines += [""] + self.notes if self.notes else []
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     MODEL_SERVICE_CACHE_DIR=/opt/model-service/cache \
+    MODEL_SERVICE_COMPILE_CACHE_DIR=/tmp/torch-compile \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/huggingface \
     MODEL_SERVICE_HOST=0.0.0.0 \

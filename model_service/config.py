@@ -113,11 +113,19 @@ class Settings(BaseSettings):
         "batch runs in the smallest bucket that holds its highest slot. Default: 1,2,4,8,16,24,32,48,64,96,... up "
         "to --max-running-requests, which is always one."
     )
-    torch_compile: bool = Field(
-        False, description="Compile the fixed-shape decode step with torch.compile before its CUDA graphs are "
-        "captured: the graphs then replay fused kernels instead of every small kernel of every layer. Start-up "
-        "takes longer (two compiles, whatever the batch buckets); a compile that fails is logged and the step "
-        "runs uncompiled. Needs --cuda-graphs auto, on or eager (on a CPU: the compiled steps, uncaptured)."
+    torch_compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compile the fixed-shape decode step with torch.compile before its CUDA graphs are "
+        "captured: the graphs then replay fused kernels instead of every small kernel of every layer (on an H100, "
+        "GLM-4-9B decodes 1.2x faster at 1 request and 2.6x at 64). Start-up takes longer: two compiles, whatever "
+        "the batch buckets (about 3 min for GLM-4-9B, cold; see --compile-cache-dir). 'auto': on where the "
+        "decode steps are captured as CUDA graphs; 'on': also on a CPU (the compiled steps, uncaptured); 'off': "
+        "never. A compile that fails is logged and the step runs uncompiled."
+    )
+    compile_cache_dir: str = Field(
+        "", description="Where torch.compile keeps its compiled kernels, so that a restart finds them and skips "
+        "most of the compile (put it on a volume that outlives the pod). Default: torch-compile/ in the service's "
+        "cache folder (MODEL_SERVICE_CACHE_DIR, else ~/.cache/model-service). A TORCHINDUCTOR_CACHE_DIR you set "
+        "wins; a folder that cannot be written is logged and torch's temp folder is used."
     )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may queue and generate before it is ended."
@@ -169,6 +177,14 @@ class Settings(BaseSettings):
     @classmethod
     def _batch_sizes(cls, value: str) -> str:
         return ",".join(map(str, parse_batch_sizes(value)))  # a clear error now for anything but 1,2,4...
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _torch_compile(cls, value):
+        # MODEL_SERVICE_TORCH_COMPILE=true (a boolean before 'auto' existed) still means on
+        if isinstance(value, bool) or str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+            return "on" if str(value).lower() in ("true", "1", "yes") else "off"
+        return value
 
     @field_validator("max_prefill_tokens")
     @classmethod

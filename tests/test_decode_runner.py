@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 
+import httpx
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import chat_ids
+from conftest import chat_ids, start_server
 from engine_runs import generate, staggered_jobs, staggered_run
 from model_service.config import Settings, parse_batch_sizes
 from model_service.llm import decode_runner
@@ -26,10 +28,15 @@ from tiny_models import build_tiny_glm, load_spread_glm
 
 
 @pytest.fixture(scope="module")
-def glm(tmp_path_factory):
+def glm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("glm-static")
     build_tiny_glm(path)
-    return load_spread_glm(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def glm(glm_dir):
+    return load_spread_glm(glm_dir)
 
 
 def test_buckets():
@@ -57,11 +64,17 @@ def test_batch_sizes_flag_and_env(monkeypatch):
     assert settings.cuda_graphs == "off" and settings.cuda_graph_batch_sizes == "1,3"
     with pytest.raises(ValueError, match="comma"):
         Settings(_cli_parse_args=["--cuda-graph-batch-sizes", "1;2"])
-    assert engine_limits(Settings(_cli_parse_args=[])).torch_compile is False
-    limits = engine_limits(Settings(_cli_parse_args=["--torch-compile", "--cuda-graph-batch-sizes", "1,4"]))
-    assert limits.torch_compile is True and limits.cuda_graph_batch_sizes == (1, 4)
-    monkeypatch.setenv("MODEL_SERVICE_TORCH_COMPILE", "true")
-    assert engine_limits(Settings(_cli_parse_args=[])).torch_compile is True
+    default = engine_limits(Settings(_cli_parse_args=[]))
+    assert default.torch_compile == "auto" and default.compile_cache_dir == ""
+    limits = engine_limits(Settings(_cli_parse_args=["--torch-compile", "on", "--cuda-graph-batch-sizes", "1,4",
+                                                     "--compile-cache-dir", "/var/cache/kernels"]))
+    assert limits.torch_compile == "on" and limits.cuda_graph_batch_sizes == (1, 4)
+    assert limits.compile_cache_dir == "/var/cache/kernels"
+    for value, meant in (("true", "on"), ("false", "off"), ("off", "off")):  # true/false: the flag was a boolean
+        monkeypatch.setenv("MODEL_SERVICE_TORCH_COMPILE", value)
+        assert engine_limits(Settings(_cli_parse_args=[])).torch_compile == meant
+    with pytest.raises(ValueError, match="torch_compile"):
+        Settings(_cli_parse_args=["--torch-compile", "always"])
 
 
 def test_static_decode_is_off_on_the_cpu_by_default_and_refused_where_it_cannot_run(glm):
@@ -75,10 +88,14 @@ def test_static_decode_is_off_on_the_cpu_by_default_and_refused_where_it_cannot_
                                       cuda_graph_batch_sizes=(2, 4, 16)))
     assert engine._slots is not None  # eager static steps imply the slot cache
     assert engine._runner.batch_sizes == (2, 4, 5) and engine._runner.graphs == 0
-    with pytest.raises(ValueError, match="--torch-compile compiles the fixed-shape decode step"):
-        Engine(glm, EngineLimits(torch_compile=True, cuda_graphs="off"))
-    with pytest.raises(ValueError, match="--torch-compile decodes over the slot cache"):
-        Engine(glm, EngineLimits(torch_compile=True, kv_cache="padded"))
+    assert not engine._runner.compiled  # --torch-compile auto compiles only steps captured as CUDA graphs
+    assert Engine(glm, EngineLimits(torch_compile="auto", cuda_graphs="off"))._runner is None
+    with pytest.raises(ValueError, match="--torch-compile on compiles the fixed-shape decode step"):
+        Engine(glm, EngineLimits(torch_compile="on", cuda_graphs="off"))
+    with pytest.raises(ValueError, match="--torch-compile on decodes over the slot cache"):
+        Engine(glm, EngineLimits(torch_compile="on", kv_cache="padded"))
+    with pytest.raises(ValueError, match="torch_compile must be auto, on or off"):
+        Engine(glm, EngineLimits(torch_compile=True))
 
 
 def test_tiny_glm_fixed_shape_steps_give_the_tokens_of_each_request_alone(glm, monkeypatch):
@@ -119,7 +136,7 @@ def test_compiled_fixed_shape_steps_give_the_same_tokens_with_two_compiles_for_e
     jobs = staggered_jobs(glm.tokenizer, long_extra_tokens=20)
     compiles = counters["stats"]["unique_graphs"]
     limits = EngineLimits(max_running_requests=3, max_waiting_requests=16, max_prefill_tokens=16,
-                          cuda_graph_batch_sizes=(1, 2), torch_compile=True)  # auto: no capture on the CPU
+                          cuda_graph_batch_sizes=(1, 2), torch_compile="on")  # no capture on the CPU
     alone, together, slots, engine = staggered_run(glm, jobs, limits)
     runner = engine._runner
     assert runner.compiled and runner.compile_seconds is not None
@@ -129,7 +146,7 @@ def test_compiled_fixed_shape_steps_give_the_same_tokens_with_two_compiles_for_e
             for length in runner.lengths:
                 runner._forward(rows, length)
     assert counters["stats"]["unique_graphs"] - compiles <= 2  # none at all when an earlier test compiled it
-    eager, _, _, _ = staggered_run(glm, jobs, dataclasses.replace(limits, torch_compile=False, cuda_graphs="eager"))
+    eager, _, _, _ = staggered_run(glm, jobs, dataclasses.replace(limits, torch_compile="off", cuda_graphs="eager"))
     assert eager == alone
 
 
@@ -139,7 +156,7 @@ def test_a_failed_compile_is_logged_and_the_step_runs_uncompiled(glm, monkeypatc
 
     monkeypatch.setattr(decode_runner.StaticDecodeRunner, "compile", broken)
     with caplog.at_level(logging.WARNING, logger="model_service.llm.engine"):
-        engine = Engine(glm, EngineLimits(max_running_requests=2, torch_compile=True))
+        engine = Engine(glm, EngineLimits(max_running_requests=2, torch_compile="on"))
     assert "torch.compile of the decode step failed; running it uncompiled: RuntimeError: inductor broke" in (
         caplog.text)
     assert engine._runner is not None and not engine._runner.compiled
@@ -208,3 +225,56 @@ def test_grouped_decode_attention_equals_attention_over_repeated_kv_heads():
     expected = torch.nn.functional.scaled_dot_product_attention(
         prompt, repeat_kv(key[:1, :, :5], groups), repeat_kv(value[:1, :, :5], groups), is_causal=True)
     torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+def test_compiled_kernels_go_to_the_services_cache_folder_unless_the_user_chose_one_or_it_cannot_be_written(
+        glm, tmp_path, monkeypatch, caplog):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # restored afterwards: torch set it when imported
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("MODEL_SERVICE_CACHE_DIR", str(tmp_path / "service"))
+    limits = EngineLimits(max_running_requests=2, torch_compile="on")
+    assert Engine(glm, limits)._runner.compiled
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "service" / "torch-compile")
+    assert any((tmp_path / "service" / "torch-compile").rglob("*"))
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's wins over the flag
+    Engine(glm, dataclasses.replace(limits, compile_cache_dir=str(tmp_path / "flag")))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine") and not (tmp_path / "flag").exists()
+
+    # a folder that cannot be made (a read-only root file system, in a pod): logged, and the step still compiles
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    (tmp_path / "a-file").write_text("")
+    with caplog.at_level(logging.WARNING, logger="model_service.llm.engine"):
+        engine = Engine(glm, dataclasses.replace(limits, compile_cache_dir=str(tmp_path / "a-file" / "kernels")))
+    assert engine._runner.compiled
+    assert f"compile cache {tmp_path / 'a-file' / 'kernels'} cannot be used" in caplog.text
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(default_cache_dir())
+
+
+@pytest.mark.slow
+def test_a_restarted_service_takes_its_compiled_step_from_the_compile_cache_dir(glm_dir, tmp_path, monkeypatch):
+    """--compile-cache-dir keeps torch.compile's kernels where a restart finds them (a volume that outlives the
+    pod): the first start compiles both graphs, the next one finds both there, logs so, and serves the same
+    tokens. (On this CPU SmolLM2's step compiles in 98 s cold and 17 s from the cache.)"""
+    # torch sets this to its temp default when imported; a service started from here would inherit it
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    cache = tmp_path / "kernels"
+    answers = []
+    for start in ("cold", "warm"):
+        srv = start_server(tmp_path, "--model", str(glm_dir), "--served-model-name", "glm", "--torch-compile", "on",
+                           "--compile-cache-dir", str(cache), "--max-running-requests", "2")
+        try:
+            reply = httpx.post(f"{srv.base_url}/v1/completions", timeout=60, json={
+                "model": "glm", "prompt": "hello world", "max_tokens": 6, "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json()["choices"][0]["text"])
+        finally:
+            srv.stop()
+        found = "0 of 2" if start == "cold" else "2 of 2"
+        assert f"({found} graphs from the cache)" in srv.log(), (
+            srv.log()[-3000:])
+        assert str(cache) in srv.log() and any(cache.rglob("*")), "the kernels are kept in --compile-cache-dir"
+    assert answers[0] == answers[1]

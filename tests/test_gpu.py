@@ -137,13 +137,13 @@ def test_cuda_slots_with_staggered_joins_and_reused_slots_give_the_cpu_tokens(gl
 
 
 # ------------------------------------------------------------------ CUDA graphs (decode_runner.py)
-@pytest.mark.parametrize("torch_compile", [False, True], ids=["eager-step", "compiled-step"])
+@pytest.mark.parametrize("torch_compile", ["off", "auto"], ids=["eager-step", "compiled-step"])
 def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_changes(glm_dir, monkeypatch,
                                                                                         torch_compile):
     """Graphs captured at start-up, one per (rows, read length); requests join and leave through 3 slots reused
     by later requests, so the batch moves between row buckets and read lengths mid-stream. Every step is a
     replay, and every request gets its eager tokens: alone, batched, and the CPU engine's. With --torch-compile
-    the graphs replay the compiled step (two compiles for all 15 graphs)."""
+    auto (the default) the graphs replay the compiled step (two compiles for all 15 graphs)."""
     monkeypatch.setattr(decode_runner, "SHORTEST_READ", 16)  # read lengths 16, 32, ..., 256: several per request
     cpu, gpu = load_spread_glm(glm_dir, "cpu"), load_spread_glm(glm_dir, "cuda")
     jobs = staggered_jobs(cpu.tokenizer, long_extra_tokens=20)
@@ -152,7 +152,8 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
     alone, together, admissions, engine = staggered_run(gpu, jobs, limits)
     runner = engine._runner
     assert runner is not None and runner.batch_sizes == (1, 2, 3) and runner.lengths == (16, 32, 64, 128, 256)
-    assert runner.compiled == torch_compile  # a failed compile falls back to the eager step: not this test
+    # a failed compile falls back to the eager step: not this test
+    assert runner.compiled == (torch_compile == "auto")
     assert runner.graphs == 15 and runner.capture_seconds is not None  # captured, at start-up
     steps = sum(runner.steps.values())
     assert steps > 0 and runner.replays == steps  # every decode step was a graph replay
@@ -162,11 +163,9 @@ def test_cuda_graphs_give_each_requests_tokens_through_reused_slots_and_bucket_c
     assert len(used) == len(jobs) and set(used) == {0, 1, 2}  # slots reused by new requests
     assert together == alone
     assert all(len(t) == n for t, (_, n) in zip(together, jobs))
-    eager_alone, _, _, eager = staggered_run(gpu, jobs[:1], dataclasses.replace(limits, cuda_graphs="off",
-                                                                                torch_compile=False))
+    eager_alone, _, _, eager = staggered_run(gpu, jobs[:1], dataclasses.replace(limits, cuda_graphs="off"))
     assert eager._runner is None and eager_alone == alone[:1]
-    on_cpu, _, _, _ = staggered_run(cpu, jobs, dataclasses.replace(limits, kv_cache="padded", cuda_graphs="off",
-                                                                   torch_compile=False))
+    on_cpu, _, _, _ = staggered_run(cpu, jobs, dataclasses.replace(limits, kv_cache="padded", cuda_graphs="off"))
     assert on_cpu == alone
 
 
@@ -244,7 +243,7 @@ def test_a_failed_capture_of_the_compiled_step_falls_back_to_capturing_the_eager
 
     monkeypatch.setattr(decode_runner.StaticDecodeRunner, "capture", compiled_breaks)
     with caplog.at_level(logging.WARNING, logger="model_service.llm.engine"):
-        engine = Engine(gpu, EngineLimits(max_running_requests=2, torch_compile=True))
+        engine = Engine(gpu, EngineLimits(max_running_requests=2))  # --torch-compile auto compiles on CUDA
     assert "CUDA graph capture failed; capturing the uncompiled step: RuntimeError: compiled capture broke" in (
         caplog.text)
     assert engine._runner is not None and not engine._runner.compiled and engine._runner.graphs > 0

@@ -66,6 +66,14 @@ def length_buckets(max_len: int) -> tuple[int, ...]:
     return tuple(lengths) + (max_len,)
 
 
+def _compile_counts() -> tuple[int, int]:
+    """(graphs compiled, graphs found in the kernel cache) so far in this process, from torch.compile's counters
+    (a cache hit skips inductor's code generation and kernel builds: most of a cold compile)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["aot_autograd"]["autograd_cache_hit"]
+
+
 def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' sdpa attention, except that a step of one query token per row also attends to grouped KV
     heads as they are when compiled. transformers does that only uncompiled: traced by torch.compile it copies
@@ -118,6 +126,7 @@ class StaticDecodeRunner:
         self.replays = 0
         self.capture_seconds: float | None = None
         self.compile_seconds: float | None = None
+        self.compiled_graphs = self.compile_cache_hits = 0  # graphs the compile made, and found in the cache
         self._compiled = torch.compile(self._step) if compile else None
         if compile and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(GROUPED_DECODE_SDPA)  # the same sdpa, without repeat_kv when compiled
@@ -164,13 +173,15 @@ class StaticDecodeRunner:
         requests wait for it. Raises whatever compiling raises; the caller decides to run uncompiled."""
         if self._compiled is None:
             return
-        started = time.monotonic()
+        started, (graphs, hits) = time.monotonic(), _compile_counts()
         with torch.inference_mode():
             for rows in sorted({1, min(2, self._cache.slots)}):
                 self._forward(rows, self.lengths[0])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_seconds = time.monotonic() - started
+        graphs_now, hits_now = _compile_counts()
+        self.compiled_graphs, self.compile_cache_hits = graphs_now - graphs, hits_now - hits
 
     def uncompile(self) -> None:
         self._compiled = None

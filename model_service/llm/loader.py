@@ -46,7 +46,8 @@ class LoadedModel:
     chat_family: str | None = None
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """The service's own cache: converted models, compiled kernels (MODEL_SERVICE_CACHE_DIR)."""
     return Path(os.environ.get("MODEL_SERVICE_CACHE_DIR") or Path.home() / ".cache" / "model-service")
 
 
@@ -84,7 +85,7 @@ def _convert_gguf_once(gguf: Path, name: str) -> Path:
 
     # Keyed by content, not mtime: a reinstall of the same package (every fresh clone's `make install`)
     # must reuse the conversion instead of adding another full-size float32 copy to the cache.
-    target = _cache_root() / "converted" / f"{name}-{_content_digest(gguf)}"
+    target = cache_root() / "converted" / f"{name}-{_content_digest(gguf)}"
     if (target / "config.json").is_file():
         return target
     log.info("converting GGUF to a cached Hugging Face directory (first start only)",
@@ -219,7 +220,7 @@ def _convert_chatglm(directory: Path) -> tuple[Path, str]:
     from model_service.llm.chatglm_convert import ChatGLMConversionError, convert_once
 
     try:
-        converted = convert_once(directory, _cache_root())
+        converted = convert_once(directory, cache_root())
     except ChatGLMConversionError as exc:
         raise ModelLoadError(f"cannot convert the ChatGLM checkpoint {directory}: {exc}") from None
     log.info(

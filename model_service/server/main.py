@@ -58,6 +58,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_batch_sizes=parse_batch_sizes(settings.cuda_graph_batch_sizes),
         torch_compile=settings.torch_compile,
+        compile_cache_dir=settings.compile_cache_dir,
     )
 
 
